@@ -1,0 +1,154 @@
+"""Flax UNet variables <-> torch_ref's state_dict names, as a flat dict of NumPy arrays.
+
+No torch here: the exchange format is ``{torch_name: np.ndarray}``, saved as safetensors
+with the model settings in the file's metadata (the same format ``torch_ref.weights``
+reads and writes). The map is a table (``weight_table``): module paths are the same in both
+frameworks, only the leaf names and the kernel layouts differ:
+
+=====================  ==========================  ==============================================
+flax                   torch                       layout
+=====================  ==========================  ==============================================
+params/X/kernel (4-D)  X.weight                    HWIO -> OIHW
+params/upN/transform   upN.transform.weight        flipped HWIO -> IOHW (ConvTranspose2d)
+params/X/kernel (2-D)  X.weight                    [in, out] -> [out, in]
+params/X/bias          X.bias                      same
+params/X/scale         X.weight  (BatchNorm)       same
+batch_stats/X/mean     X.running_mean              same
+batch_stats/X/var      X.running_var               same
+batch_stats/X/num_b..  X.num_batches_tracked       int32 <-> int64
+=====================  ==========================  ==============================================
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+BLOCKS = ("down1", "down2", "down3", "up1", "up2", "up3")
+META_KEYS = ("img_channels", "time_emb_dim", "features", "timesteps", "schedule")
+
+
+def weight_table() -> list[tuple[str, tuple[str, ...], str]]:
+    """Rows (torch_name, flax_path, layout) for every tensor of the UNet."""
+    rows = []
+    for conv_name in ("inc", "outc"):
+        rows += [(f"{conv_name}.weight", ("params", conv_name, "kernel"), "conv"),
+                 (f"{conv_name}.bias", ("params", conv_name, "bias"), "same")]
+    for b in BLOCKS:
+        rows += [(f"{b}.time_mlp.weight", ("params", b, "time_mlp", "kernel"), "dense"),
+                 (f"{b}.time_mlp.bias", ("params", b, "time_mlp", "bias"), "same")]
+        for c in ("conv1", "conv2", "transform"):
+            layout = "conv_transpose" if (c == "transform" and b.startswith("up")) else "conv"
+            rows += [(f"{b}.{c}.weight", ("params", b, c, "kernel"), layout),
+                     (f"{b}.{c}.bias", ("params", b, c, "bias"), "same")]
+        rows += [(f"{b}.bnorm.weight", ("params", b, "bnorm", "scale"), "same"),
+                 (f"{b}.bnorm.bias", ("params", b, "bnorm", "bias"), "same"),
+                 (f"{b}.bnorm.running_mean", ("batch_stats", b, "bnorm", "mean"), "same"),
+                 (f"{b}.bnorm.running_var", ("batch_stats", b, "bnorm", "var"), "same"),
+                 (f"{b}.bnorm.num_batches_tracked", ("batch_stats", b, "bnorm", "num_batches_tracked"), "count")]
+    return rows
+
+
+def _to_torch(a: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "conv":  # HWIO -> OIHW
+        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+    if layout == "conv_transpose":  # flipped HWIO -> IOHW
+        return np.ascontiguousarray(a[::-1, ::-1].transpose(2, 3, 0, 1))
+    if layout == "dense":
+        return np.ascontiguousarray(a.T)
+    if layout == "count":
+        return np.asarray(a, dtype=np.int64)
+    return np.ascontiguousarray(a)
+
+
+def _from_torch(a: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "conv":  # OIHW -> HWIO
+        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
+    if layout == "conv_transpose":  # IOHW -> HWIO, flipped
+        return np.ascontiguousarray(a.transpose(2, 3, 0, 1)[::-1, ::-1])
+    if layout == "dense":
+        return np.ascontiguousarray(a.T)
+    if layout == "count":
+        return np.array(a, dtype=np.int32)
+    return np.array(a, copy=True)  # never alias the caller's (possibly torch-owned) memory
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax ``{'params', 'batch_stats'}`` -> ``{torch_name: np.ndarray}``."""
+    return {name: _to_torch(np.asarray(_get(variables, path)), layout) for name, path, layout in weight_table()}
+
+
+def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], like: Mapping[str, Any] | None = None) -> dict:
+    """``{torch_name: np.ndarray}`` -> Flax ``{'params': ..., 'batch_stats': ...}`` (NumPy leaves).
+
+    Args:
+      state_dict: the torch names and arrays.
+      like: optional variables of the target model; every converted array's shape and
+        dtype kind must match it.
+    Raises:
+      ValueError: naming the missing, unexpected or misshaped tensors.
+    """
+    table = weight_table()
+    names = {name for name, _, _ in table}
+    missing = sorted(names - set(state_dict))
+    unexpected = sorted(set(state_dict) - names)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise ValueError("; ".join(parts))
+    out: dict = {}
+    for name, path, layout in table:
+        arr = np.asarray(state_dict[name])
+        expected_ndim = {"conv": 4, "conv_transpose": 4, "dense": 2, "count": 0}.get(layout)
+        if expected_ndim is not None and arr.ndim != expected_ndim:
+            raise ValueError(f"tensor {name} has shape {tuple(arr.shape)}, expected {expected_ndim} dimensions")
+        value = _from_torch(arr, layout)
+        if like is not None:
+            ref = np.asarray(_get(like, path))
+            if ref.shape != value.shape:
+                want = _to_torch(ref, layout).shape
+                raise ValueError(f"tensor {name} has shape {tuple(arr.shape)}, the model needs {tuple(want)}")
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
+def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Writes the flat dict and the model settings (``META_KEYS``) to ``path``."""
+    from safetensors.numpy import save_file
+
+    missing = [k for k in META_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f"metadata lacks {', '.join(missing)}")
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, os.fspath(path),
+              metadata={k: str(v) for k, v in metadata.items()})
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads ``(state_dict, metadata)``; raises ValueError if the file is not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, meta
+
+
+def metadata_for(img_channels: int, time_emb_dim: int, features, timesteps: int, schedule: str) -> dict[str, str]:
+    return {"img_channels": str(img_channels), "time_emb_dim": str(time_emb_dim),
+            "features": ",".join(str(int(f)) for f in features), "timesteps": str(timesteps), "schedule": schedule}

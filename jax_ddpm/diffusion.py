@@ -1,0 +1,61 @@
+"""Forward process, loss and posterior: small pure functions of a ``DiffusionSchedule``.
+
+All images are NHWC. ``t`` is an int array of shape [B].
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .schedules import DiffusionSchedule
+
+VARIANCES = ("beta", "beta_tilde")
+
+
+def _at(arr: jnp.ndarray, t: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """arr[t] broadcast against x: [B] -> [B, 1, 1, 1]."""
+    return arr[t].reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def q_sample(schedule: DiffusionSchedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
+    """Samples q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. 2020, eq. 4)."""
+    return _at(schedule.sqrt_alphas_cumprod, t, x0) * x0 + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+
+def eps_mse_loss(eps_pred: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
+    """Mean squared error over every element (torch's ``nn.MSELoss()``), in float32."""
+    return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - eps.astype(jnp.float32)))
+
+
+def predict_x0_from_eps(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
+    """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), as sqrt(1/abar) x_t - sqrt(1/abar - 1) eps."""
+    return _at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+
+def posterior_mean_variance(schedule: DiffusionSchedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray):
+    """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7)."""
+    mean = _at(schedule.posterior_mean_coef1, t, x_t) * x0 + _at(schedule.posterior_mean_coef2, t, x_t) * x_t
+    return mean, _at(schedule.posterior_variance, t, x_t)
+
+
+def p_mean_variance(schedule: DiffusionSchedule, eps: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray,
+                    variance: str = "beta_tilde", clip_denoised: bool = False):
+    """Mean and variance of p(x_{t-1} | x_t) from the predicted noise ``eps``.
+
+    Without clipping the mean is ``(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)``
+    (Ho et al. 2020, Algorithm 2); with ``clip_denoised`` the predicted x_0 is clipped to
+    [-1, 1] and the posterior mean is taken from it. ``variance`` is ``beta`` (sigma^2 =
+    beta_t) or ``beta_tilde`` (the posterior variance).
+    """
+    if variance == "beta":
+        var = _at(schedule.betas, t, x_t)
+    elif variance == "beta_tilde":
+        var = _at(schedule.posterior_variance, t, x_t)
+    else:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    if clip_denoised:
+        x0 = jnp.clip(predict_x0_from_eps(schedule, x_t, t, eps), -1.0, 1.0)
+        mean, _ = posterior_mean_variance(schedule, x0, x_t, t)
+    else:
+        coef = _at(schedule.betas, t, x_t) / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+        mean = (x_t - coef * eps) / jnp.sqrt(_at(schedule.alphas, t, x_t))
+    return mean, var

@@ -1,0 +1,72 @@
+"""Layers with PyTorch semantics: torch's default initialisation and torch's BatchNorm2d."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def torch_kernel_init(fan_in: int):
+    """torch's default for Conv/Linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    (kaiming_uniform_ with a=sqrt(5), as in ``nn.Conv2d.reset_parameters``.)
+    """
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+torch_bias_init = torch_kernel_init  # torch draws the bias from the same interval
+
+
+def conv(features: int, kernel: int, fan_in: int, *, stride: int = 1, padding: int = 1, input_dilation: int = 1,
+         dtype: Any = jnp.float32, name: str) -> nn.Conv:
+    """An NHWC conv with torch's symmetric padding and default initialisation."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding),) * 2,
+                   input_dilation=(input_dilation, input_dilation), dtype=dtype, param_dtype=jnp.float32,
+                   kernel_init=torch_kernel_init(fan_in), bias_init=torch_bias_init(fan_in), name=name)
+
+
+class TorchBatchNorm(nn.Module):
+    """``torch.nn.BatchNorm2d`` over the channel axis of NHWC input, with torch's semantics.
+
+    Training mode normalises with the biased batch variance and updates
+    ``mean <- (1 - momentum) * mean + momentum * batch_mean`` and
+    ``var <- (1 - momentum) * var + momentum * unbiased_batch_var`` (Flax's BatchNorm uses
+    ``momentum`` the other way round and the biased variance). ``num_batches_tracked``
+    counts updates, as torch's buffer does. Statistics are always float32.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        x32 = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)  # biased, used to normalise
+            n = x.size // c
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+                count.value = count.value + 1
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(x.dtype)

@@ -1,0 +1,95 @@
+"""Training state and a pure train step (flax examples/imagenet/train.py style)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from .diffusion import eps_mse_loss, q_sample
+from .schedules import DiffusionSchedule
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step reads and writes. ``apply_fn`` and ``tx`` are static."""
+
+    step: jnp.ndarray
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    schedule: DiffusionSchedule
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def variables(self):
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def ema_variables(self):
+        return {"params": self.ema_params, "batch_stats": self.batch_stats}
+
+
+def make_optimizer(lr: float = 1e-3, grad_clip: float | None = None) -> optax.GradientTransformation:
+    """Adam with torch.optim.Adam's defaults (b1=0.9, b2=0.999, eps=1e-8), optional global-norm clip."""
+    adam = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip else adam
+
+
+def create_train_state(model, key: jax.Array, image_shape: tuple[int, int, int], schedule: DiffusionSchedule,
+                       tx: optax.GradientTransformation, ema_decay: float = 0.0) -> TrainState:
+    """Initialises the model (torch's default init) for images of ``image_shape`` = (H, W, C)."""
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    variables = model.init(key, x, jnp.zeros((1,), jnp.int32), train=True)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                      opt_state=tx.init(params), ema_params=params, schedule=schedule,
+                      apply_fn=model.apply, tx=tx, ema_decay=ema_decay)
+
+
+def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, noise):
+    """Epsilon-MSE on ``x_t = q_sample(x0, t, noise)``; returns (loss, new batch_stats)."""
+    x_t = q_sample(schedule, x0, t, noise)
+    eps, mutated = apply_fn({"params": params, "batch_stats": batch_stats}, x_t, t, train=True,
+                            mutable=["batch_stats"])
+    return eps_mse_loss(eps, noise), mutated["batch_stats"]
+
+
+def apply_gradients(state: TrainState, grads, batch_stats) -> TrainState:
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if state.ema_decay:
+        d = state.ema_decay
+        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
+    else:
+        ema = params
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                         ema_params=ema)
+
+
+def train_step_with_noise(state: TrainState, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray):
+    """One Adam step on given timesteps and noise. Returns (state, metrics)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, state.schedule, x0, t, noise)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return apply_gradients(state, grads, batch_stats), metrics
+
+
+def draw_t_and_noise(key: jax.Array, step: jnp.ndarray, x0: jnp.ndarray, timesteps: int):
+    """t ~ U{0..T-1} and eps ~ N(0, I) from ``fold_in(key, step)``."""
+    k_t, k_n = jax.random.split(jax.random.fold_in(key, step))
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, timesteps, jnp.int32)
+    return t, jax.random.normal(k_n, x0.shape, jnp.float32)
+
+
+def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array):
+    """Pure step: draws t and noise from ``fold_in(key, state.step)``. Jit with ``donate_argnums=0``."""
+    t, noise = draw_t_and_noise(key, state.step, batch, state.schedule.timesteps)
+    return train_step_with_noise(state, batch, t, noise)
+
+
+jit_train_step = jax.jit(train_step, donate_argnums=(0,))
