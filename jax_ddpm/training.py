@@ -19,7 +19,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     batch_stats: Any
     opt_state: Any
-    ema_params: Any
+    ema_params: Any  # None when ema_decay == 0
     schedule: DiffusionSchedule
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
@@ -31,7 +31,8 @@ class TrainState(flax.struct.PyTreeNode):
 
     @property
     def ema_variables(self):
-        return {"params": self.ema_params, "batch_stats": self.batch_stats}
+        ema = self.params if self.ema_params is None else self.ema_params
+        return {"params": ema, "batch_stats": self.batch_stats}
 
 
 def make_optimizer(lr: float = 1e-3, grad_clip: float | None = None) -> optax.GradientTransformation:
@@ -47,7 +48,9 @@ def create_train_state(model, key: jax.Array, image_shape: tuple[int, int, int],
     variables = model.init(key, x, jnp.zeros((1,), jnp.int32), train=True)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(params), ema_params=params, schedule=schedule,
+                      opt_state=tx.init(params), schedule=schedule,
+                      # a copy: the donated step must not see one buffer twice
+                      ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay else None,
                       apply_fn=model.apply, tx=tx, ema_decay=ema_decay)
 
 
@@ -66,7 +69,7 @@ def apply_gradients(state: TrainState, grads, batch_stats) -> TrainState:
         d = state.ema_decay
         ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
     else:
-        ema = params
+        ema = None
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                          ema_params=ema)
 
