@@ -48,7 +48,8 @@ def create_train_state(model, key: jax.Array, image_shape: tuple[int, int, int],
     variables = model.init(key, x, jnp.zeros((1,), jnp.int32), train=True)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(params), schedule=schedule,
+                      opt_state=tx.init(params),
+                      schedule=jax.tree_util.tree_map(jnp.copy, schedule),  # the state is donated; keep the caller's
                       # a copy: the donated step must not see one buffer twice
                       ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay else None,
                       apply_fn=model.apply, tx=tx, ema_decay=ema_decay)
