@@ -28,9 +28,12 @@ float32 gradient itself differs from a float64 run by 7.9e-4 (and the sharded on
 with either, depending on the rounding), so 8x8 measures the model's conditioning, not
 sharding. At 16x16 all three agree to ~3e-8.
 
-The two-process test (``-m slow``) runs two JAX processes on this machine (CPU collectives
-are gloo, the default since jax 0.5.1), 2 CPU devices each, and checks the same equality
-plus an orbax checkpoint written by both processes and restored by a third.
+The two-process test (``-m slow``, ~2-3 min on 2 shared cores) runs two JAX processes on
+this machine (CPU collectives are gloo, the default since jax 0.5.1), 2 CPU devices each,
+each feeding its 4 rows of the global batch of 8, and checks the same equality (measured:
+loss 2.2e-7 relative, BN 6.0e-8, gradients 3.0e-8, params 1.5e-8) plus an orbax checkpoint
+written by both processes, restored replicated by both (bit-exact) and by a third,
+single-device process (bit-exact).
 """
 from __future__ import annotations
 
