@@ -1,0 +1,253 @@
+"""Image data sets -> deterministic NumPy batch iterators (NHWC float32 in [-1, 1]).
+
+Sources:
+
+* ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, shipped in the
+  wheel, no download), resized with Pillow's bilinear filter.
+* a folder of PNG/JPEG images (Pillow): each is converted to gray (``L``) or ``RGB``,
+  its shorter side resized to ``image_size`` (Lanczos), then center-cropped.
+* an ``.npz``/``.npy`` file of uint8 images, ``[N, H, W, C]``, ``[N, C, H, W]`` or
+  ``[N, H, W]``; loaded with ``allow_pickle=False``. ``layout='auto'`` infers the channel
+  axis only when exactly one of axis 1 and axis 3 has 1 or 3 entries.
+
+Batch order is a pure function of ``(seed, epoch)``: epoch ``e`` visits the images in the
+order ``default_rng([seed, e]).permutation(N)``, in batches of ``batch_size``, dropping the
+last incomplete batch. The position ``(epoch, index)`` of the next batch is all a
+checkpoint needs to replay the same batches after a resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """Unusable data; the message is one line that names the file."""
+
+
+class DataPosition(NamedTuple):
+    """Where the next batch starts: epoch number and offset into that epoch's order."""
+
+    epoch: int
+    index: int
+
+
+# ----------------------------------------------------------------------------- loading
+def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return (images_uint8.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def digits_images(image_size: int, channels: int = 1) -> np.ndarray:
+    """scikit-learn's digits as float32 [1797, S, S, channels] in [-1, 1]."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
+    if image_size != raw.shape[1]:
+        raw = np.stack([np.asarray(Image.fromarray(im, mode="F").resize((image_size, image_size),
+                                                                         Image.Resampling.BILINEAR))
+                        for im in raw])  # [N, S, S]
+    x = np.clip(raw, 0.0, 1.0) * 2.0 - 1.0
+    return np.repeat(x[..., None], channels, axis=-1).astype(np.float32)  # [N, S, S, C]
+
+
+def resize_center_crop(image, size: int):
+    """A PIL image -> ``size`` x ``size``: shorter side resized to ``size``, then center-cropped."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def folder_images(folder: str, image_size: int, channels: int) -> np.ndarray:
+    """Every PNG/JPEG in ``folder`` (sorted by name, not recursive) as float32 [N, S, S, C]."""
+    from PIL import Image, ImageOps
+
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES)
+                   and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise DataError(f"--data {folder}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in this folder")
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(names), image_size, image_size, channels), np.uint8)
+    for i, name in enumerate(names):
+        path = os.path.join(folder, name)
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode now: truncated or corrupt files fail here
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("I;16", "I", "F"):
+                    raise DataError(f"--data {path}: {im.mode} (16-bit or float) images are not supported")
+                arr = np.asarray(resize_center_crop(im.convert(mode), image_size))
+        except DataError:
+            raise
+        except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
+            raise DataError(f"--data {path}: cannot read image ({_one_line(e)})") from None
+        out[i] = arr.reshape(image_size, image_size, channels)
+    return to_unit_range(out)
+
+
+def infer_layout(shape: tuple[int, ...]) -> str:
+    """``'nhwc'`` or ``'nchw'`` for a rank-4 shape, when unambiguous; raises DataError otherwise."""
+    last, second = shape[3] in (1, 3), shape[1] in (1, 3)
+    if last and not second:
+        return "nhwc"
+    if second and not last:
+        return "nchw"
+    if last and second:
+        raise DataError(f"cannot tell the channel axis of shape {tuple(shape)}; pass --layout nhwc or nchw")
+    raise DataError(f"shape {tuple(shape)} has no channel axis of size 1 or 3 (axis 1 or 3)")
+
+
+def _load_array(path: str) -> np.ndarray:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as e:  # object arrays need pickles: refused
+        raise DataError(f"--data {path}: cannot load without pickles ({_one_line(e)})") from None
+    except Exception as e:
+        raise DataError(f"--data {path}: not a readable .npy/.npz file ({_one_line(e)})") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        keys = list(loaded.keys())
+        if "images" in keys:
+            key = "images"
+        elif len(keys) == 1:
+            key = keys[0]
+        else:
+            raise DataError(f"--data {path}: holds {len(keys)} arrays ({', '.join(keys[:6])}); "
+                            "name the images array 'images'")
+        try:
+            return loaded[key]
+        except Exception as e:
+            raise DataError(f"--data {path}: cannot read array {key!r} ({_one_line(e)})") from None
+
+
+def array_images(path: str, image_size: int, channels: int, layout: str = "auto") -> np.ndarray:
+    """uint8 images from an ``.npz``/``.npy`` file as float32 [N, S, S, C] in [-1, 1]."""
+    from PIL import Image
+
+    arr = _load_array(path)
+    if arr.dtype != np.uint8:
+        raise DataError(f"--data {path}: images must be uint8, got {arr.dtype}")
+    if arr.ndim == 3:
+        arr = arr[..., None]  # [N, H, W] -> [N, H, W, 1]
+        layout = "nhwc"
+    elif arr.ndim != 4:
+        raise DataError(f"--data {path}: images must have rank 4 ([N, H, W, C] or [N, C, H, W]) or 3 "
+                        f"([N, H, W]), got shape {tuple(arr.shape)}")
+    if arr.shape[0] == 0 or min(arr.shape[1:]) == 0:
+        raise DataError(f"--data {path}: no images (shape {tuple(arr.shape)})")
+    if layout == "auto":
+        try:
+            layout = infer_layout(arr.shape)
+        except DataError as e:
+            raise DataError(f"--data {path}: {e}") from None
+    if layout == "nchw":
+        arr = arr.transpose(0, 2, 3, 1)  # [N, H, W, C]
+    c = arr.shape[-1]
+    if c not in (1, 3):
+        raise DataError(f"--data {path}: images must have 1 or 3 channels, got {c} (shape {tuple(arr.shape)}, "
+                        f"layout {layout})")
+    if c == channels and arr.shape[1:3] == (image_size, image_size):
+        return to_unit_range(arr)
+    mode_in = "L" if c == 1 else "RGB"
+    mode_out = "L" if channels == 1 else "RGB"
+    out = np.empty((arr.shape[0], image_size, image_size, channels), np.uint8)
+    for i, im in enumerate(arr):
+        pil = Image.fromarray(im[..., 0] if c == 1 else im, mode=mode_in).convert(mode_out)
+        out[i] = np.asarray(resize_center_crop(pil, image_size)).reshape(image_size, image_size, channels)
+    return to_unit_range(out)
+
+
+def load_images(source: str, image_size: int, channels: int, layout: str = "auto") -> np.ndarray:
+    """Any source -> float32 [N, S, S, C] in [-1, 1]. Raises DataError (one line)."""
+    if source == "digits":
+        return digits_images(image_size, channels)
+    if os.path.isdir(source):
+        return folder_images(source, image_size, channels)
+    if not os.path.exists(source):
+        raise DataError(f"--data {source}: no such file or directory")
+    return array_images(source, image_size, channels, layout)
+
+
+def fingerprint(images: np.ndarray) -> str:
+    """A short content hash of the prepared images (shape and bytes)."""
+    h = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# ----------------------------------------------------------------------------- batching
+def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The visiting order of epoch ``epoch``: a permutation of ``range(num_images)``."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+def next_batch_indices(num_images: int, batch_size: int, seed: int,
+                       position: DataPosition) -> tuple[np.ndarray, DataPosition]:
+    """Indices of the batch at ``position`` and the position after it (pure).
+
+    Raises:
+      ValueError: if ``batch_size`` exceeds ``num_images``.
+    """
+    if batch_size > num_images:
+        raise ValueError(f"batch size {batch_size} exceeds the {num_images} images")
+    epoch, index = position
+    if index + batch_size > num_images:  # drop the incomplete tail
+        epoch, index = epoch + 1, 0
+    indices = epoch_order(num_images, seed, epoch)[index:index + batch_size]
+    return indices, DataPosition(epoch, index + batch_size)
+
+
+class BatchIterator:
+    """Endless batches of ``images`` in the order fixed by ``seed``, from ``position``.
+
+    ``iterator.position`` is where the next batch starts; save it, and a new iterator
+    built with it yields the same batches as the old one would have.
+    """
+
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int,
+                 position: DataPosition = DataPosition(0, 0)):
+        if batch_size > images.shape[0]:
+            raise DataError(f"--batch-size {batch_size} exceeds the {images.shape[0]} images in the data set")
+        self.images = images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.position = DataPosition(int(position[0]), int(position[1]))
+        self._order_epoch, self._order = -1, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        n, b = self.images.shape[0], self.batch_size
+        epoch, index = self.position
+        if index + b > n:
+            epoch, index = epoch + 1, 0
+        if epoch != self._order_epoch:  # one permutation per epoch, as next_batch_indices draws it
+            self._order_epoch, self._order = epoch, epoch_order(n, self.seed, epoch)
+        self.position = DataPosition(epoch, index + b)
+        return self.images[self._order[index:index + b]]  # [B, H, W, C]
+
+
+__all__ = [
+    "BatchIterator", "DataError", "DataPosition", "IMAGE_SUFFIXES", "array_images", "digits_images", "epoch_order",
+    "fingerprint", "folder_images", "infer_layout", "load_images", "next_batch_indices", "resize_center_crop",
+    "to_unit_range",
+]

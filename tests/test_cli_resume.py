@@ -1,0 +1,145 @@
+"""`jax-ddpm train` resumes exactly: a run SIGKILLed (twice) and resumed ends bit-identical to
+an uninterrupted run, and a resume with other settings is refused.
+
+Every run is a real subprocess (`python -m jax_ddpm.cli`) sharing one persistent XLA
+compilation cache, so only the first one pays for compilation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jax_ddpm import checkpoint as ckpt
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+STEPS = 60
+TINY = ["--features", "8,16,32,64", "--image-size", "8", "--timesteps", "10", "--batch-size", "16",
+        "--ema-decay", "0.9", "--num-samples", "4", "--log-every", "5", "--quiet"]
+
+
+def _env(cache_dir, **extra) -> dict:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _train_cmd(workdir, *more) -> list[str]:
+    return [sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(workdir), *TINY,
+            "--steps", str(STEPS), "--checkpoint-every", "5", *more]
+
+
+def _final_tree(workdir, step=STEPS) -> dict:
+    """The checkpoint's arrays as NumPy, read without a template (orbax's own metadata)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(ckpt.checkpoint_dir(str(workdir)), str(step), ckpt.STATE_ITEM)
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.restore(path)
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _kill_when(proc, workdir, min_steps: int, extra_delay: float, timeout: float = 240) -> list[int]:
+    """SIGKILLs ``proc`` once ``min_steps`` complete checkpoints exist (+ a delay); returns them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (status {proc.returncode}) before it could be killed: "
+                        f"{proc.stderr.read().decode()[-500:]}")
+        steps = ckpt.complete_steps(str(workdir))
+        if len(steps) >= min_steps:
+            time.sleep(extra_delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return steps
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no checkpoint appeared in time")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "jax_cache"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    done = subprocess.run(_train_cmd(workdir), env=_env(cache_dir), capture_output=True, timeout=400)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return workdir
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path, cache_dir, reference_run):
+    workdir = tmp_path / "killed"
+    env = _env(cache_dir, JAX_DDPM_DEBUG_STEP_DELAY="0.03")  # ~2 s of steps: room to kill mid-run
+    # Kill 1: as soon as the first checkpoint is finalized (training is under way).
+    proc = subprocess.Popen(_train_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = _kill_when(proc, workdir, 1, 0.0)
+    assert proc.returncode == -signal.SIGKILL and STEPS not in seen
+    # Kill 2: a resumed run, killed a moment after its next checkpoint (possibly mid-save).
+    proc = subprocess.Popen(_train_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen2 = _kill_when(proc, workdir, len(seen) + 1, 0.07)
+    assert proc.returncode == -signal.SIGKILL
+    assert STEPS not in ckpt.complete_steps(str(workdir)), "killed too late: nothing left to resume"
+    # Resume to the end.
+    done = subprocess.run(_train_cmd(workdir), env=_env(cache_dir), capture_output=True, timeout=400)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert max(seen2) < STEPS
+
+    expected, got = _final_tree(reference_run), _final_tree(workdir)
+    flat_e = jax.tree_util.tree_leaves_with_path(expected)
+    flat_g = jax.tree_util.tree_leaves_with_path(got)
+    assert [p for p, _ in flat_e] == [p for p, _ in flat_g]
+    assert {"params", "ema_params", "opt_state", "batch_stats", "rng", "step"} <= set(expected)
+    for (path, e), (_, g) in zip(flat_e, flat_g):
+        assert e.dtype == g.dtype and e.shape == g.shape, jax.tree_util.keystr(path)
+        assert np.array_equal(e, g), f"{jax.tree_util.keystr(path)} differs: max abs {np.abs(e - g).max()}"
+    # The runs also saw the same batches: the data positions agree.
+    meta_e = json.load(open(os.path.join(ckpt.checkpoint_dir(str(reference_run)), str(STEPS), "meta", "metadata")))
+    meta_g = json.load(open(os.path.join(ckpt.checkpoint_dir(str(workdir)), str(STEPS), "meta", "metadata")))
+    assert meta_e["data_position"] == meta_g["data_position"]
+    # metrics.jsonl holds each logging step once, in order, after the resumes.
+    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+    assert os.path.exists(workdir / "samples.png") and os.path.exists(workdir / "loss.png")
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, cache_dir, reference_run):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference_run, workdir)
+    before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(workdir) for p in fs}
+    cmd = _train_cmd(workdir, "--steps", str(STEPS + 5), "--lr", "0.01")
+    done = subprocess.run(cmd, env=_env(cache_dir), capture_output=True, timeout=200)
+    err = done.stderr.decode().strip()
+    assert done.returncode == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--lr was 0.001, now 0.01" in err
+    after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(workdir) for p in fs}
+    assert after == before
+
+
+def test_longer_resume_continues_the_same_run(tmp_path, cache_dir, reference_run):
+    """--steps may grow: the resumed run starts at the last checkpoint and keeps its metrics."""
+    import shutil
+
+    workdir = tmp_path / "longer"
+    shutil.copytree(reference_run, workdir)
+    done = subprocess.run(_train_cmd(workdir, "--steps", str(STEPS + 5)), env=_env(cache_dir), capture_output=True,
+                          timeout=200)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert ckpt.complete_steps(str(workdir))[-1] == STEPS + 5
+    assert json.load(open(workdir / "config.json"))["steps"] == STEPS + 5
+    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+    assert steps[-1] == STEPS + 5 and STEPS in steps
