@@ -132,7 +132,8 @@ def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     missing = [k for k in META_KEYS if k not in metadata]
     if missing:
         raise ValueError(f"metadata lacks {', '.join(missing)}")
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, os.fspath(path),
+    # np.ascontiguousarray makes 0-d arrays 1-d: keep num_batches_tracked a scalar
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_dict.items()}, os.fspath(path),
               metadata={k: str(v) for k, v in metadata.items()})
 
 

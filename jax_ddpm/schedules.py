@@ -79,10 +79,11 @@ def make_schedule(timesteps: int, kind: str = "linear") -> DiffusionSchedule:
     """Builds the float32 ``DiffusionSchedule`` for ``kind`` in ``SCHEDULES``.
 
     Raises:
-      ValueError: if ``timesteps < 1`` or ``kind`` is unknown.
+      ValueError: if ``timesteps < 2`` (one step has no posterior: the clipped log
+        variance repeats entry 1) or ``kind`` is unknown.
     """
-    if not isinstance(timesteps, (int, np.integer)) or timesteps < 1:
-        raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
+    if not isinstance(timesteps, (int, np.integer)) or isinstance(timesteps, bool) or timesteps < 2:
+        raise ValueError(f"timesteps must be a positive integer >= 2, got {timesteps!r}")
     if kind == "linear":
         betas = linear_beta_schedule(timesteps)
     elif kind == "cosine":
