@@ -1,0 +1,27 @@
+"""pytest wiring for the parity suite: one session-wide context (device + compiled functions).
+
+Device: ``--parity-device {auto,cpu,cuda}`` or the environment variable
+``JAX_DDPM_PARITY_DEVICE`` (default ``auto``: cuda when torch and JAX both see a GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from parity_tests import report
+
+
+def pytest_addoption(parser):
+    parser.addoption("--parity-device", default=os.environ.get("JAX_DDPM_PARITY_DEVICE", "auto"),
+                     choices=report.DEVICES, help="device for the parity tests (default: auto)")
+
+
+@pytest.fixture(scope="session")
+def parity_ctx(request) -> report.Context:
+    """The shared context: models and jitted functions are built once per session."""
+    try:
+        return report.make_context(request.config.getoption("--parity-device"))
+    except report.DeviceUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+

@@ -1,0 +1,70 @@
+"""``jax-ddpm parity``: options, exit codes (0 pass, 1 a check failed, 2 bad input), JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jax_ddpm import cli, schedules
+from parity_tests import report
+
+
+def _parity(*args: str) -> int:
+    return cli.main(["parity", *args])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--device", "tpu"], "--device must be one of auto, cpu, cuda, got 'tpu'"),
+    (["--only", "no such check"], "--only 'no such check' matches no check"),
+    (["--full", "extra"], "unrecognized arguments: extra"),
+])
+def test_bad_options_exit_2_with_one_line(capsys, args, needle):
+    assert _parity(*args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and err.startswith("jax-ddpm parity: error:"), err
+
+
+@pytest.mark.skipif(report.cuda_unavailable_reason() is None, reason="a GPU is present")
+def test_cuda_without_gpu_exit_2(capsys):
+    assert _parity("--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda:" in err, err
+
+
+def test_json_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    out.write_text("precious")
+    assert _parity("--device", "cpu", "--json", str(out), "--only", "schedule linear T=10 vs oracle") == 2
+    assert out.read_text() == "precious"
+    assert "file exists" in capsys.readouterr().err
+
+
+def test_json_missing_folder_exit_2(tmp_path, capsys):
+    assert _parity("--json", str(tmp_path / "nope" / "run.json")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_passing_run_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert _parity("--device", "cpu", "--json", str(out), "--only", "schedule linear T=10 ") == 0
+    table = capsys.readouterr().out
+    assert "| component | max abs err | max rel err | tol | pass | note |" in table
+    assert "| schedule linear T=10 vs oracle |" in table and "jaxlib" in table
+    data = json.loads(out.read_text())
+    assert data["passed"] is True and data["device"] == "cpu"
+    assert [r["component"] for r in data["rows"]] == ["schedule linear T=10 vs oracle", "schedule linear T=10 vs torch"]
+    assert {"jax", "jaxlib", "flax", "optax", "torch", "python", "platform"} <= set(data["versions"])
+
+
+def test_failing_check_exits_1(monkeypatch, capsys):
+    real = schedules.schedule_arrays
+    monkeypatch.setattr(schedules, "schedule_arrays", lambda b: {**real(b), "betas": real(b)["betas"] * 1.001})
+    assert _parity("--device", "cpu", "--only", "schedule linear T=10 vs torch") == 1
+    assert "**NO**" in capsys.readouterr().out
+
+
+def test_every_case_has_a_tolerance_for_every_device():
+    for case in report.CASES:
+        assert set(case.tol) == {"cpu", "cuda"} and case.metric in ("abs", "rel", "frac"), case.component
+    assert len({c.component for c in report.CASES}) == len(report.CASES)  # names are unique
