@@ -16,6 +16,13 @@ Error definitions (``a`` = jax_ddpm, ``b`` = the reference: torch_ref or the ora
   tensor separately, then the maximum over tensors; the note names the worst tensor.
   A row's ``rel`` column is its own definition (see the case's ``metric``); its ``abs``
   column is always the plain ``max |a - b|``.
+- ``frac`` (Adam parameters only): the fraction of elements beyond 1e-5 rel; every such
+  element must be explained by gradient noise through Adam's sensitivity (see ``TOL``).
+- Chains: ``x0`` rows compare the clamped output (abs); ``trajectory`` rows compare the
+  state every step feeds the U-Net, ``rel`` to that step's scale, worst step.
+
+Tolerances are per device (``TOL``, with the measured values and the reasons written
+next to them); ``--device`` / ``--parity-device`` picks the column.
 
 Precision: fp32 everywhere; torch with TF32 off (matmul and cuDNN), JAX with
 ``jax.default_matmul_precision('highest')``. On ``--device cuda`` torch runs on 'cuda' and
@@ -415,7 +422,8 @@ def check_schedule(ctx: Context, kind: str, timesteps: int, ref: str) -> Measure
         rel = elementwise_rel(a, b)
         if rel >= worst_rel:
             worst_rel, worst = rel, f.name
-    return Measure(worst_abs, worst_rel, f"{len(dataclasses.fields(ours))} arrays, worst {worst}")
+    n = len(dataclasses.fields(ours))
+    return Measure(worst_abs, worst_rel, f"{n} arrays, worst {worst}" if worst_rel else f"{n} arrays, all bit-equal")
 
 
 def check_q_sample(ctx: Context, kind: str, timesteps: int, at: str, ref: str) -> Measure:
@@ -711,7 +719,7 @@ def _step_measures(run: SimpleNamespace, part: str, mode: str, lr: float) -> Mea
         ms.append(dataclasses.replace(
             m, frac=beyond / total, ok=unexplained == 0,
             note=f"{m.note}; {beyond} of {total} elements beyond {ADAM_GOAL:g} rel, "
-                 f"{unexplained} not explained by {ADAM_GRAD_REL:g}-rel gradient noise"))
+                 f"{unexplained} not explained by {_fmt(ADAM_GRAD_REL)}-rel gradient noise"))
     worst = int(np.argmax([x.frac for x in ms]))
     return dataclasses.replace(ms[worst], abs_err=max(x.abs_err for x in ms), rel_err=max(x.rel_err for x in ms),
                                ok=all(x.ok for x in ms), note=f"{ms[worst].note} at step {worst + 1}")
@@ -876,7 +884,7 @@ def check_chain(ctx: Context, part: str, sampler: str, variance: str = "beta_til
     model_note = "trained" if trained else "random-init"
     if part == "x0":
         at_edge = float(np.mean(np.abs(run.theirs) >= 1.0))
-        return Measure(*abs_rel(run.ours, run.theirs), f"{model_note} model; {100 * at_edge:.0f}% of pixels "
+        return Measure(*abs_rel(run.ours, run.theirs), f"{model_note} model; {100 * at_edge:.1f}% of pixels "
                                                        f"clamped at +-1")
     steps = sorted(run.torch_traj)
     if steps != list(range(timesteps)) or sorted(run.jax_traj) != steps:
@@ -936,10 +944,10 @@ TOL = {
     "embedding_exact": {"cpu": 1.7e-4, "cuda": 1.7e-4},
     # reverse-step mean and variance vs the float64 oracle, rel to scale; measured <= 1.1e-7.
     "posterior": {"cpu": 1e-6, "cuda": 1e-6},
-    "forward": {"cpu": 1e-5, "cuda": 1e-4},      # rel to output scale; measured <= 3.1e-6
-    "bn_stats": {"cpu": 1e-6, "cuda": 1e-5},     # per tensor rel; measured <= 9.6e-7 (worst: up1 running_mean)
+    "forward": {"cpu": 1e-5, "cuda": 1e-4},      # rel to output scale; measured <= 1.6e-6 (train), 3.6e-7 (eval)
+    "bn_stats": {"cpu": 1e-6, "cuda": 1e-5},     # per tensor rel; measured <= 6.6e-7 (worst: up1 running_mean)
     "loss": {"cpu": 1e-6, "cuda": 1e-5},         # |a-b|/|b|; measured <= 3.8e-7
-    "grads": {"cpu": 1e-4, "cuda": 1e-3},        # per tensor rel; measured <= 9.0e-6
+    "grads": {"cpu": 1e-4, "cuda": 1e-3},        # per tensor rel; measured <= 9.0e-6 (chapter width)
     # Adam(1e-3), 10 steps. The 1e-5 goal holds for the optimiser alone (torch's gradients
     # fed to optax): measured 8.4e-6, of which 6.4e-6 is optax's own rounding -- its moment
     # update uses (1 - b2) in float64 while the bias correction 1 - b2**t is float32, and
@@ -966,11 +974,15 @@ TOL = {
     # one reverse step, abs (goal 1e-3): measured <= 2.3e-5 (|x| up to 70 at i = 99, cosine's
     # beta = 0.999 makes 1/sqrt(alpha) = 31.6).
     "sampler": {"cpu": 1e-3, "cuda": 1e-3},
-    # whole chain, clamped x_0, abs (goal 1e-3): measured <= 3e-5.
-    "chain_x0": {"cpu": 1e-3, "cuda": 1e-3},
+    # whole chain, clamped x_0, abs (goal 1e-3): measured 3.1e-4 (ddpm: the barely trained
+    # model lets the cosine chain grow to |x| ~ 3e3; 1e-7 of that lands in the few pixels
+    # that end inside +-1), 7.8e-7 (clip_denoised), 1.1e-6 (linear: 46% clamped), 0
+    # (chapter_sample: all clamped). CUDA
+    # 1e-2: its 10x looser forward scales that directly.
+    "chain_x0": {"cpu": 1e-3, "cuda": 1e-2},
     # whole chain, every step's state rel to its scale: the chain is not chaotic, the
-    # relative error stays ~1e-6 while |x_t| grows (to 1e3 for the barely trained model,
-    # 1e30 for chapter_sample, E2); measured <= 8e-7.
+    # relative error stays ~1e-6 while |x_t| grows (to 3e3 for the barely trained model,
+    # 1e33 for chapter_sample, E2); measured <= 9.9e-7.
     "chain_trajectory": {"cpu": 1e-5, "cuda": 1e-4},
     "round_trip": {"cpu": 0.0, "cuda": 0.0},     # exact
 }
@@ -1004,10 +1016,10 @@ def _build_cases() -> list[Case]:
                                             f"{' clip' if clip else ''} vs oracle", check_posterior_step, "rel",
                                kind=kind, timesteps=100, variance=variance, clip=clip))
 
-    nets = [Net(1, 16, 4), Net(3, 32, 2), Net(1, 64, 2)]
-    for net in nets:
+    for net in (Net(1, 16, 4), Net(3, 32, 2), Net(1, 64, 2)):
         for mode in ("train", "eval"):
-            cases.append(_case("forward", f"unet forward {mode} {net.label}", check_forward, "rel", net=net, mode=mode))
+            cases.append(_case("forward", f"unet forward {mode} {net.label}", check_forward, "rel",
+                               slow=(net.size == 64 and mode == "eval"), net=net, mode=mode))
     full = Net(3, 32, 2, CHAPTER)
     cases.append(_case("forward", f"unet forward train {full.label}", check_forward, "rel", net=full, mode="train"))
     cases.append(_case("forward", f"unet forward eval {full.label}", check_forward, "rel", slow=True,
@@ -1051,6 +1063,7 @@ def _build_cases() -> list[Case]:
               ("ddpm", "beta", False, "cosine", 100, True, True),
               ("ddpm", "beta_tilde", True, "cosine", 100, True, False),
               ("chapter", "beta_tilde", False, "cosine", 100, True, False),
+              ("ddpm", "beta_tilde", False, "linear", 100, True, False),  # stays within |x| ~ 5: x_0 not all clamped
               ("ddpm", "beta_tilde", False, "cosine", 100, False, True),
               ("ddpm", "beta_tilde", False, "linear", 1000, True, True)]
     for sampler, variance, clip, kind, T, trained, slow in chains:

@@ -113,7 +113,7 @@ def test_chapter_alpha_bar_in_step_fails(monkeypatch, fresh_ctx):
         return mean * fix, var
 
     monkeypatch.setattr(diffusion, "p_mean_variance", e2)
-    row = _run(fresh_ctx, "ddpm step i=50 beta_tilde")
+    row = _run(fresh_ctx, "reverse-step mean/var linear T=100 beta_tilde vs oracle")
     assert not row.passed and row.measured > 100 * row.tol, row.message()
 
 
