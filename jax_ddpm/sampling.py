@@ -100,12 +100,39 @@ def model_eps_fn(model, variables) -> EpsFn:
     return lambda x, t: model.apply(variables, x, t, train=False)
 
 
-def make_sample_fn(model, sampler: str = "ddpm", **options) -> Callable:
-    """Returns ``sample(variables, schedule, x_T, noise) -> x_0``, jitted as one program."""
+BN_STATS = ("running", "batch")
+
+
+def model_eps_fn_batch_stats(model, variables) -> EpsFn:
+    """The UNet normalising with the statistics of the batch being sampled, as an ``eps_fn``.
+
+    BatchNorm runs in training mode over the whole sample batch (all images at the same
+    ``t``); the running statistics are neither used nor changed. The chapter's U-Net applies
+    one BatchNorm to two convolutions (erratum E5), so its running statistics are a blend of
+    two layers' and eval mode normalises both layers wrongly; batch statistics avoid that,
+    but each image then depends on the rest of the batch (use batches of 16 or more).
+    """
+
+    def eps_fn(x, t):
+        eps, _ = model.apply(variables, x, t, train=True, mutable=["batch_stats"])
+        return eps
+
+    return eps_fn
+
+
+def make_sample_fn(model, sampler: str = "ddpm", bn_stats: str = "running", **options) -> Callable:
+    """Returns ``sample(variables, schedule, x_T, noise) -> x_0``, jitted as one program.
+
+    ``bn_stats``: ``'running'`` (eval mode, :func:`model_eps_fn`) or ``'batch'``
+    (:func:`model_eps_fn_batch_stats`).
+    """
     fn = get_sampler(sampler)
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+    make_eps_fn = model_eps_fn if bn_stats == "running" else model_eps_fn_batch_stats
 
     @jax.jit
     def sample(variables, schedule, x_T, noise):
-        return fn(model_eps_fn(model, variables), schedule, x_T, noise, **options)
+        return fn(make_eps_fn(model, variables), schedule, x_T, noise, **options)
 
     return sample
