@@ -10,9 +10,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from .config import (CHANNELS, DTYPES, LAYOUTS, SAMPLERS, SCHEDULES, ConfigError, ModelConfig, OptimConfig,
+from .config import (BN_STATS, CHANNELS, DTYPES, LAYOUTS, SAMPLERS, SCHEDULES, ConfigError, ModelConfig, OptimConfig,
                      TrainConfig, DiffusionConfig, convert_config_from_args, sample_config_from_args,
-                     train_config_from_args)
+                     train_config_from_args, SampleConfig)
 
 PROG = "jax-ddpm"
 EXIT_BAD_INPUT = 2
@@ -39,6 +39,12 @@ checkpoint and reproduces an uninterrupted run bit for bit (CPU); only --steps,
 --quiet may change. Ctrl-C saves a checkpoint and exits with status 130."""
 
 
+BN_HELP = ("BatchNorm statistics while sampling: 'batch' normalises with the statistics of the sample batch "
+           "(all images at the same t; needs a batch of 16 or more), 'running' is eval mode with the running "
+           "statistics. The chapter's U-Net applies one BatchNorm to two convolutions (erratum E5), so its "
+           "running statistics blend two layers' and eval-mode samples are poor")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``jax-ddpm train: error: ...``), exit status 2."""
 
@@ -51,7 +57,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        default = action.default
+        if default is not None and default is not argparse.SUPPRESS and not isinstance(default, bool) \
+                and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -80,13 +88,13 @@ def _add_train(sub) -> None:
                    help="U-Net channel widths, 4 comma-separated integers (the chapter: 64,128,256,512)")
     g.add_argument("--time-emb-dim", type=int, default=m.time_emb_dim, metavar="D",
                    help="size of the sinusoidal time embedding (even)")
-    g.add_argument("--timesteps", type=int, default=d.timesteps, metavar="T", help="diffusion steps T")
+    g.add_argument("--timesteps", type=int, default=d.timesteps, metavar="T", help="number of diffusion steps T (the chain length when sampling)")
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
                    help="beta schedule: linear (Ho et al. 2020) or cosine (Nichol & Dhariwal 2021)")
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES,
                    help="compute dtype of the U-Net; parameters, optimizer state and the loss stay float32")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=o.batch_size, metavar="B", help="images per step")
+    g.add_argument("--batch-size", type=int, default=o.batch_size, metavar="B", help="images per optimizer step (must not exceed the number of images)")
     g.add_argument("--steps", type=int, default=t.steps, metavar="N",
                    help="train until step N (counting from the start of the run, also on resume)")
     g.add_argument("--lr", type=float, default=o.lr, help="Adam learning rate (constant)")
@@ -105,6 +113,7 @@ def _add_train(sub) -> None:
                    help="write samples/step_N.png every N steps; 0 = only samples.png at the end")
     g.add_argument("--num-samples", type=int, default=t.num_samples, metavar="N",
                    help="images in each sample grid")
+    g.add_argument("--bn-stats", default=t.bn_stats, choices=BN_STATS, help=BN_HELP)
     g.add_argument("--log-every", type=int, default=t.log_every, metavar="N",
                    help="fetch the loss and append to metrics.jsonl every N steps (a host sync)")
     g.add_argument("--quiet", action="store_true", help="no progress display or messages (errors still print)")
@@ -126,6 +135,7 @@ def _add_sample(sub) -> None:
                    help="checkpoint step to load (default: the latest)")
     p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
                    help="do not clip the predicted x0 to [-1, 1] at each ddpm step")
+    p.add_argument("--bn-stats", default=SampleConfig.bn_stats, choices=BN_STATS, help=BN_HELP)
     p.add_argument("--noise", default=None, metavar="FILE.npz",
                    help="pre-drawn noise instead of --seed: 'x_T' [N,H,W,C] and 'noises' [T,N,H,W,C] float32, "
                         "noises[i] added at step i (the same file torch_ref.sample reads)")

@@ -22,6 +22,7 @@ SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "chapter")
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("auto", "nhwc", "nchw")
+BN_STATS = ("batch", "running")  # sampling: BatchNorm with the sample batch's or the running statistics
 CHANNELS = (1, 3)
 DOWNSAMPLINGS = 3  # the U-Net halves H and W three times: sizes must be multiples of 2**3
 CONFIG_VERSION = 1
@@ -72,11 +73,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
-    steps: int = 2000
+    steps: int = 1200
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0 = only at the end
     num_samples: int = 64
+    bn_stats: str = "batch"
     log_every: int = 25
     quiet: bool = False
 
@@ -91,6 +93,7 @@ class SampleConfig:
     step: int | None = None  # checkpoint step; None = latest
     noise: str | None = None  # .npz with x_T [N, H, W, C] and noises [T, N, H, W, C]
     clip_denoised: bool = True
+    bn_stats: str = "batch"
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def train_config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(workdir=d["workdir"], model=ModelConfig(**model), diffusion=DiffusionConfig(**d["diffusion"]),
                        data=DataConfig(**d["data"]), optim=OptimConfig(**d["optim"]),
                        **{k: d[k] for k in ("seed", "steps", "checkpoint_every", "keep_checkpoints", "sample_every",
-                                            "num_samples", "log_every", "quiet")})
+                                            "num_samples", "bn_stats", "log_every", "quiet") if k in d})
 
 
 def train_config_from_identity(workdir: str, ident: Mapping[str, Any]) -> TrainConfig:
@@ -249,6 +252,7 @@ def train_config_from_args(args: Any) -> TrainConfig:
                        keep_checkpoints=_positive("--keep-checkpoints", args.keep_checkpoints),
                        sample_every=_non_negative("--sample-every", args.sample_every),
                        num_samples=_positive("--num-samples", args.num_samples),
+                       bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS),
                        log_every=_positive("--log-every", args.log_every), quiet=bool(args.quiet))
 
 
@@ -291,7 +295,8 @@ def sample_config_from_args(args: Any) -> SampleConfig:
                         sampler=_choice("--sampler", args.sampler, SAMPLERS),
                         step=None if args.steps is None else _non_negative("--steps", args.steps),
                         noise=None if args.noise is None else _existing_file("--noise", args.noise),
-                        clip_denoised=bool(args.clip_denoised))
+                        clip_denoised=bool(args.clip_denoised),
+                        bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS))
 
 
 def convert_config_from_args(args: Any) -> ConvertConfig:

@@ -5,7 +5,7 @@ A work folder (``--workdir``) holds::
     config.json         the resolved TrainConfig of the latest (re)start
     metrics.jsonl       one JSON object per logging point: step, loss, images_per_s, lr, grad_norm, ...
     loss.png            the loss curve (rewritten at every checkpoint and at the end)
-    samples.png         the final sample grid (EMA weights, eval mode, DDPM sampler, clipped x0)
+    samples.png         the final sample grid (EMA weights, DDPM sampler, clipped x0, --bn-stats)
     samples/step_N.png  grids every --sample-every steps
     checkpoints/N/      orbax checkpoints (see jax_ddpm.checkpoint)
 
@@ -52,6 +52,7 @@ DEBUG_NAN_ENV = "JAX_DDPM_DEBUG_NAN_AT_STEP"
 DEBUG_DELAY_ENV = "JAX_DDPM_DEBUG_STEP_DELAY"
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXIT_OK, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 3, 130
+MIN_BATCH_STATS = 16  # fewer images make --bn-stats batch noisy
 
 
 class NonFiniteLossError(RuntimeError):
@@ -269,7 +270,7 @@ def _check_resume(config: TrainConfig, manager, step: int, data_fp: str) -> dict
 
 def _sample_grid_fn(config: TrainConfig, keys: Mapping[str, jax.Array]) -> Callable[[TrainState], np.ndarray]:
     """``grid(state) -> [N, H, W, C]`` samples from fixed x_T and noise (EMA, eval mode, clipped x0)."""
-    sample = make_sample_fn(build_model(config), "ddpm", clip_denoised=True)
+    sample = make_sample_fn(build_model(config), "ddpm", bn_stats=config.bn_stats, clip_denoised=True)
     x_T = jax.random.normal(jax.random.fold_in(keys["sample"], 0), (config.num_samples,) + image_shape(config))
     noise_key = jax.random.fold_in(keys["sample"], 1)
 
@@ -319,7 +320,9 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
 
     progress = Progress(config.steps, config.quiet, stream)
     if start >= config.steps:
-        progress.message(f"{config.workdir}: already at step {start} (--steps {config.steps}); nothing to do")
+        if not os.path.exists(files.samples):  # killed between the last checkpoint and the grid
+            save_grid(files.samples, _sample_grid_fn(config, keys)(state))
+        progress.message(f"{config.workdir}: already at step {start} (--steps {config.steps}); nothing to train")
         return EXIT_OK
 
     os.makedirs(config.workdir, exist_ok=True)
@@ -379,39 +382,41 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
         timer_step, timer = step, now
 
     status = EXIT_OK
-    with InterruptFlag() as interrupt:
-        while step < config.steps:
-            batch = next(iterator)  # [B, H, W, C] float32
-            if nan_at and step + 1 == nan_at:
-                batch = np.full_like(batch, np.nan)
-            state, metrics = step_fn(state, batch, train_key)
-            step += 1
-            pending.append((step, metrics))
-            if not first_step_done:  # the first step includes compilation: keep it out of img/s
-                jax.block_until_ready(metrics)
-                first_step_done = True
-                progress.message(f"compiled and ran the first step in {time.perf_counter() - timer:.1f}s")
-                timer_step, timer = step, time.perf_counter()
-            at_checkpoint = step % config.checkpoint_every == 0 or step == config.steps or interrupt.raised
-            if step % config.log_every == 0 or at_checkpoint:
-                flush_metrics()
-            if at_checkpoint:
-                save(step)
-                last_good = step
-                plot()
-                timer_step, timer = step, time.perf_counter()  # checkpoint time is not training time
-            if config.sample_every and step % config.sample_every == 0 and step < config.steps:
-                os.makedirs(os.path.dirname(files.step_samples(step)), exist_ok=True)
-                save_grid(files.step_samples(step), grid(state))
-                timer_step, timer = step, time.perf_counter()  # sampling time is not training time
-            progress.update(step)
-            if delay:
-                time.sleep(delay)
-            if interrupt.raised:
-                status = EXIT_INTERRUPTED
-                break
-    progress.close()
-    manager.close()
+    try:
+        with InterruptFlag() as interrupt:
+            while step < config.steps:
+                batch = next(iterator)  # [B, H, W, C] float32
+                if nan_at and step + 1 == nan_at:
+                    batch = np.full_like(batch, np.nan)
+                state, metrics = step_fn(state, batch, train_key)
+                step += 1
+                pending.append((step, metrics))
+                if not first_step_done:  # the first step includes compilation: keep it out of img/s
+                    jax.block_until_ready(metrics)
+                    first_step_done = True
+                    progress.message(f"compiled and ran the first step in {time.perf_counter() - timer:.1f}s")
+                    timer_step, timer = step, time.perf_counter()
+                at_checkpoint = step % config.checkpoint_every == 0 or step == config.steps or interrupt.raised
+                if step % config.log_every == 0 or at_checkpoint:
+                    flush_metrics()  # raises NonFiniteLossError before a bad state is saved
+                if at_checkpoint:
+                    save(step)
+                    last_good = step
+                    plot()
+                    timer_step, timer = step, time.perf_counter()  # checkpoint time is not training time
+                if config.sample_every and step % config.sample_every == 0 and step < config.steps:
+                    os.makedirs(os.path.dirname(files.step_samples(step)), exist_ok=True)
+                    save_grid(files.step_samples(step), grid(state))
+                    timer_step, timer = step, time.perf_counter()  # sampling time is not training time
+                progress.update(step)
+                if delay:
+                    time.sleep(delay)
+                if interrupt.raised:
+                    status = EXIT_INTERRUPTED
+                    break
+    finally:
+        progress.close()
+        manager.close()
     if status == EXIT_INTERRUPTED:
         print(f"jax-ddpm: interrupted; saved checkpoint {step} in {ckpt.checkpoint_dir(config.workdir)}",
               file=stream)
@@ -501,7 +506,11 @@ def sample(config: SampleConfig, stream: TextIO | None = None) -> int:
         x_T = jax.random.normal(jax.random.fold_in(key, 0), (config.num,) + shape)
         noise = jax.random.fold_in(key, 1)
     options = {"clip_denoised": config.clip_denoised} if config.sampler == "ddpm" else {}
-    sample_fn = make_sample_fn(build_model(run.config), config.sampler, **options)
+    sample_fn = make_sample_fn(build_model(run.config), config.sampler, bn_stats=config.bn_stats, **options)
+    if config.bn_stats == "batch" and x_T.shape[0] < MIN_BATCH_STATS:
+        print(f"jax-ddpm: warning: {x_T.shape[0]} images are few for --bn-stats batch (each image is "
+              f"normalised with the batch's statistics); use {MIN_BATCH_STATS} or more, or --bn-stats running",
+              file=sys.stderr)
     samples = np.asarray(jax.device_get(sample_fn(run.state.ema_variables, run.state.schedule, x_T, noise)))
     write_samples(config.out, samples)
     print(f"wrote {samples.shape[0]} samples from step {run.step} to {config.out}", file=stream or sys.stdout)
@@ -536,7 +545,10 @@ def import_weights(config: ConvertConfig, stream: TextIO | None = None) -> int:
     path = config.from_torch
     if ckpt.complete_steps(config.workdir) or os.path.exists(RunFiles(config.workdir).config):
         raise ConfigError(f"--workdir {config.workdir}: already holds a run; import into a new --workdir")
-    tensors, meta = load_safetensors(path)
+    try:
+        tensors, meta = load_safetensors(path)
+    except ValueError as e:  # "<path>: not a readable safetensors file (...)"
+        raise ConfigError(f"--from-torch {e}") from None
     missing = [k for k in ("img_channels", "time_emb_dim", "features", "timesteps", "schedule") if k not in meta]
     if missing:
         raise ConfigError(f"--from-torch {path}: metadata lacks {', '.join(missing)}")
@@ -552,7 +564,8 @@ def import_weights(config: ConvertConfig, stream: TextIO | None = None) -> int:
         raise ConfigError(f"--from-torch {path}: bad metadata ({e})") from None
     run_config = _TrainConfig(workdir=config.workdir, model=model, diffusion=diffusion)
     template = abstract_state(run_config)
-    like = {"params": template.params, "batch_stats": template.batch_stats}
+    like = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),  # convert.py compares arrays
+                                  {"params": template.params, "batch_stats": template.batch_stats})
     try:
         variables = from_torch_state_dict(tensors, like=like)
     except ValueError as e:

@@ -1,5 +1,5 @@
-"""`jax-ddpm train` resumes exactly: a run SIGKILLed (twice) and resumed ends bit-identical to
-an uninterrupted run, and a resume with other settings is refused.
+"""`jax-ddpm train` resumes exactly: a run SIGKILLed, then interrupted with Ctrl-C, then resumed
+ends bit-identical to an uninterrupted run; a resume with other settings is refused.
 
 Every run is a real subprocess (`python -m jax_ddpm.cli`) sharing one persistent XLA
 compilation cache, so only the first one pays for compilation.
@@ -48,8 +48,9 @@ def _final_tree(workdir, step=STEPS) -> dict:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def _kill_when(proc, workdir, min_steps: int, extra_delay: float, timeout: float = 240) -> list[int]:
-    """SIGKILLs ``proc`` once ``min_steps`` complete checkpoints exist (+ a delay); returns them."""
+def _kill_when(proc, workdir, min_steps: int, extra_delay: float, timeout: float = 240,
+               sig: int = signal.SIGKILL) -> list[int]:
+    """Sends ``sig`` to ``proc`` once ``min_steps`` complete checkpoints exist (+ a delay); returns them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -58,8 +59,8 @@ def _kill_when(proc, workdir, min_steps: int, extra_delay: float, timeout: float
         steps = ckpt.complete_steps(str(workdir))
         if len(steps) >= min_steps:
             time.sleep(extra_delay)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
             return steps
         time.sleep(0.05)
     proc.kill()
@@ -86,15 +87,19 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, cache_dir, reference_run)
     proc = subprocess.Popen(_train_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = _kill_when(proc, workdir, 1, 0.0)
     assert proc.returncode == -signal.SIGKILL and STEPS not in seen
-    # Kill 2: a resumed run, killed a moment after its next checkpoint (possibly mid-save).
+    # Interrupt 2: a resumed run gets Ctrl-C (SIGINT) a moment after its next checkpoint; it
+    # saves a checkpoint at the step it reached and exits with status 130.
     proc = subprocess.Popen(_train_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    seen2 = _kill_when(proc, workdir, len(seen) + 1, 0.07)
-    assert proc.returncode == -signal.SIGKILL
-    assert STEPS not in ckpt.complete_steps(str(workdir)), "killed too late: nothing left to resume"
+    seen2 = _kill_when(proc, workdir, len(seen) + 1, 0.07, sig=signal.SIGINT)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted; saved checkpoint" in err
+    saved = int(err.split("saved checkpoint ")[1].split()[0])
+    assert saved in ckpt.complete_steps(str(workdir)) and saved >= max(seen2)
+    assert STEPS not in ckpt.complete_steps(str(workdir)), "interrupted too late: nothing left to resume"
     # Resume to the end.
     done = subprocess.run(_train_cmd(workdir), env=_env(cache_dir), capture_output=True, timeout=400)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert max(seen2) < STEPS
 
     expected, got = _final_tree(reference_run), _final_tree(workdir)
     flat_e = jax.tree_util.tree_leaves_with_path(expected)

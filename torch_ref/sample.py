@@ -21,8 +21,31 @@ import numpy as np
 import torch
 
 from .diffusion import DiffusionProcess
-from .sampling import chapter_sample, sample
+from .sampling import chapter_sample, chapter_step, p_sample, sample
 from .weights import load_unet
+
+
+@torch.no_grad()
+def sample_with_batch_stats(model, diffusion, x_T, noises=None, sampler="ddpm", clip_denoised=True, generator=None):
+    """The same chains with BatchNorm normalising by the sample batch's statistics.
+
+    The model runs in training mode with every BatchNorm's momentum set to 0, so the
+    running statistics stay as loaded (E5: one BatchNorm serves two convolutions, and its
+    running statistics blend both; see ``jax-ddpm sample --help``).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0
+    model.train()
+    x = x_T
+    for i in range(diffusion.timesteps - 1, -1, -1):
+        z = None if noises is None else noises[i]
+        if sampler == "ddpm":
+            x = p_sample(model, diffusion, x, i, z, "beta_tilde", clip_denoised, generator)
+        else:
+            x = chapter_step(model, diffusion, x, i, z, generator)
+    model.eval()
+    return x.clamp(-1, 1)
 
 
 def read_noise(path, timesteps, channels):
@@ -71,6 +94,9 @@ def main(argv=None):
                    help="ddpm: corrected ancestral sampler; chapter: the printed loop (E2, E3) (default ddpm)")
     p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
                    help="do not clip the predicted x0 to [-1, 1] at each ddpm step")
+    p.add_argument("--bn-stats", choices=["batch", "running"], default="batch",
+                   help="BatchNorm statistics: the sample batch's, or the running ones (eval mode); as in "
+                        "jax-ddpm sample (default batch)")
     a = p.parse_args(argv)
     if not a.out.lower().endswith((".png", ".npz")):
         p.error(f"--out {a.out}: must end in .png or .npz")
@@ -89,7 +115,9 @@ def main(argv=None):
         generator = torch.Generator().manual_seed(a.seed)
         x_T = torch.randn((a.num, channels, size, size), generator=generator)
         noises = None
-    if a.sampler == "ddpm":
+    if a.bn_stats == "batch":
+        x0 = sample_with_batch_stats(model, diffusion, x_T, noises, a.sampler, a.clip_denoised, generator)
+    elif a.sampler == "ddpm":
         x0 = sample(model, diffusion, x_T, noises, variance="beta_tilde", clip_denoised=a.clip_denoised,
                     generator=generator)
     else:

@@ -1,0 +1,196 @@
+"""Bad input to `jax-ddpm`: one line naming the option or file, exit status 2 (NaN: 3), no
+traceback, and nothing already in the work folder changed."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jax_ddpm import checkpoint as ckpt
+from jax_ddpm.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+TINY = ["--features", "8,16,32,64", "--image-size", "8", "--timesteps", "10", "--batch-size", "16",
+        "--ema-decay", "0.9", "--num-samples", "4", "--log-every", "5", "--quiet"]
+
+
+def _env(cache_dir, **extra) -> dict:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _snapshot(folder) -> dict:
+    """{relative path: sha256} of every file under ``folder``."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def _fails(argv, capsys, status=2) -> str:
+    """Runs main(argv) in-process; asserts the status and a one-line, traceback-free stderr."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == status, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and err.startswith("jax-ddpm")
+    return err
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A work folder that already holds something; tests check it is left alone."""
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "notes.txt").write_text("keep me")
+    return wd
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained work folder (checkpoints 5 and 10), via the real command."""
+    wd = tmp_path_factory.mktemp("trained")
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    cmd = [sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(wd), *TINY, "--steps", "10",
+           "--checkpoint-every", "5"]
+    done = subprocess.run(cmd, env=_env(cache), capture_output=True, timeout=400)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return wd
+
+
+# ----------------------------------------------------------------------------- options
+@pytest.mark.parametrize("options,needle", [
+    (["--timesteps", "0"], "--timesteps must be a positive integer, got 0"),
+    (["--schedule", "quadratic"], "--schedule: invalid choice: 'quadratic'"),
+    (["--image-size", "12"], "--image-size must be a positive multiple of 8"),
+    (["--image-size", "0"], "--image-size must be a positive multiple of 8"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--batch-size", "-8"], "--batch-size must be a positive integer, got -8"),
+    (["--features", "8,16"], "--features must be 4 comma-separated"),
+    (["--lr", "0"], "--lr must be in (0, inf)"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--channels", "2"], "--channels: invalid choice: 2"),
+    (["--dtype", "float16"], "--dtype: invalid choice"),
+    (["--batch-size", "many"], "--batch-size: invalid int value: 'many'"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--batch-size", "2000"], "--batch-size 2000 exceeds the 1797 images"),
+])
+def test_bad_train_options(workdir, capsys, options, needle):
+    before = _snapshot(workdir)
+    err = _fails(["train", "--workdir", str(workdir), *options], capsys)
+    assert needle in err
+    assert _snapshot(workdir) == before
+
+
+def test_missing_data(workdir, tmp_path, capsys):
+    err = _fails(["train", "--workdir", str(workdir), "--data", str(tmp_path / "nope")], capsys)
+    assert f"--data {tmp_path / 'nope'}: no such file or directory" in err
+
+
+def test_empty_data_folder(workdir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    before = _snapshot(workdir)
+    err = _fails(["train", "--workdir", str(workdir), "--data", str(tmp_path / "empty")], capsys)
+    assert "empty: no png/jpg/jpeg images" in err and _snapshot(workdir) == before
+
+
+def test_corrupt_image(workdir, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "ok.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    before = _snapshot(workdir)
+    err = _fails(["train", "--workdir", str(workdir), "--data", str(folder), "--image-size", "8"], capsys)
+    assert "broken.jpg: cannot read image" in err and _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("array,needle", [
+    (np.zeros((4, 8, 8), np.float32), "images must be uint8, got float32"),
+    (np.zeros((4, 8), np.uint8), "must have rank 4"),
+    (np.zeros((2, 4, 8, 8, 1), np.uint8), "must have rank 4"),
+    (np.zeros((4, 3, 8, 3), np.uint8), "pass --layout nhwc or nchw"),
+])
+def test_bad_npz(workdir, tmp_path, capsys, array, needle):
+    path = tmp_path / "data.npz"
+    np.savez(path, images=array)
+    before = _snapshot(workdir)
+    err = _fails(["train", "--workdir", str(workdir), "--data", str(path), "--image-size", "8"], capsys)
+    assert "data.npz" in err and needle in err and _snapshot(workdir) == before
+
+
+def test_workdir_is_a_file(tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("x")
+    assert "--workdir" in _fails(["train", "--workdir", str(path)], capsys)
+
+
+# ----------------------------------------------------------------------------- sample / convert without a run
+def test_sample_without_checkpoint(workdir, tmp_path, capsys):
+    before = _snapshot(workdir)
+    err = _fails(["sample", "--workdir", str(workdir), "--out", str(tmp_path / "x.png")], capsys)
+    assert "no checkpoint found" in err and _snapshot(workdir) == before
+    assert not (tmp_path / "x.png").exists()
+    err = _fails(["convert", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.safetensors")], capsys)
+    assert "no checkpoint found" in err
+
+
+def test_sample_bad_out_and_missing_step(trained, tmp_path, capsys):
+    assert "must end in .png or .npz" in _fails(["sample", "--workdir", str(trained), "--out",
+                                                  str(tmp_path / "x.jpg")], capsys)
+    err = _fails(["sample", "--workdir", str(trained), "--out", str(tmp_path / "x.png"), "--steps", "7"], capsys)
+    assert "--steps 7: no checkpoint for this step" in err and "have 5, 10" in err
+
+
+def test_convert_needs_one_direction(tmp_path, capsys):
+    assert "exactly one of --out" in _fails(["convert", "--workdir", str(tmp_path)], capsys)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+def test_truncated_checkpoint(trained, tmp_path, capsys):
+    wd = tmp_path / "damaged"
+    shutil.copytree(trained, wd)
+    for root, _, files in os.walk(wd / "checkpoints" / "10" / "state"):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    before = _snapshot(wd)
+    err = _fails(["sample", "--workdir", str(wd), "--out", str(tmp_path / "x.png")], capsys)
+    assert "checkpoints/10: checkpoint is incomplete, corrupt" in err
+    err = _fails(["train", "--workdir", str(wd), *TINY, "--steps", "20", "--checkpoint-every", "5"], capsys)
+    assert "checkpoints/10: checkpoint is incomplete, corrupt" in err
+    assert _snapshot(wd) == before
+
+
+def test_deleted_metadata(trained, tmp_path, capsys):
+    wd = tmp_path / "nometa"
+    shutil.copytree(trained, wd)
+    os.remove(wd / "checkpoints" / "10" / "meta" / "metadata")
+    err = _fails(["sample", "--workdir", str(wd), "--out", str(tmp_path / "x.png")], capsys)
+    assert "checkpoints/10" in err
+
+
+# ----------------------------------------------------------------------------- NaN
+def test_nan_loss_stops_with_status_3(tmp_path, tmp_path_factory):
+    wd = tmp_path / "nan"
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    cmd = [sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(wd), *TINY, "--steps", "20",
+           "--checkpoint-every", "5"]
+    done = subprocess.run(cmd, env=_env(cache, JAX_DDPM_DEBUG_NAN_AT_STEP=7), capture_output=True, timeout=400)
+    err = done.stderr.decode().strip()
+    assert done.returncode == 3, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "at step 7" in err and "last good checkpoint is step 5" in err
+    assert ckpt.complete_steps(str(wd)) == [5]
