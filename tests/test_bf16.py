@@ -99,8 +99,10 @@ def test_bf16_model_computes_in_bf16():
     x = jnp.asarray(tiny_batch(GLOBAL_BATCH))
     jaxpr = str(jax.make_jaxpr(lambda v: state.apply_fn(v, x, jnp.zeros((x.shape[0],), jnp.int32), train=True,
                                                         mutable=["batch_stats"]))(state.variables))
-    convs = [line for line in jaxpr.splitlines() if "= conv_general_dilated[" in line]
-    assert len(convs) == 2 + 3 * 6  # inc, outc, and conv1/conv2/transform of six blocks
+    convs = [line for line in jaxpr.splitlines() if "= conv_general_dilated[" in line or "= dot_general[" in line]
+    # inc, outc, conv1/conv2/transform of six blocks, six time_mlp Dense; on CPU conv_impl='auto'
+    # writes some convolutions as several convs or a matmul (jax_ddpm/models/convolutions.py)
+    assert len(convs) >= 2 + 3 * 6 + 6
     assert all(":bf16[" in line.split("=")[0] for line in convs), convs
 
 

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .convolutions import decomposed_conv, resolve_conv_impl
+
 
 def torch_kernel_init(fan_in: int):
     """torch's default for Conv/Linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -26,11 +28,18 @@ torch_bias_init = torch_kernel_init  # torch draws the bias from the same interv
 
 
 def conv(features: int, kernel: int, fan_in: int, *, stride: int = 1, padding: int = 1, input_dilation: int = 1,
-         dtype: Any = jnp.float32, name: str) -> nn.Conv:
-    """An NHWC conv with torch's symmetric padding and default initialisation."""
+         dtype: Any = jnp.float32, conv_impl: str = "xla", name: str) -> nn.Conv:
+    """An NHWC conv with torch's symmetric padding and default initialisation.
+
+    ``conv_impl``: ``'xla'`` (``lax.conv_general_dilated`` as is), ``'decomposed'`` (the same
+    sums as stride-1 convolutions, :mod:`jax_ddpm.models.convolutions`) or ``'auto'``
+    (decomposed on CPU). The parameters are the same either way.
+    """
+    impl = resolve_conv_impl(conv_impl)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding),) * 2,
                    input_dilation=(input_dilation, input_dilation), dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=torch_kernel_init(fan_in), bias_init=torch_bias_init(fan_in), name=name)
+                   kernel_init=torch_kernel_init(fan_in), bias_init=torch_bias_init(fan_in), name=name,
+                   conv_general_dilated=decomposed_conv if impl == "decomposed" else None)
 
 
 class TorchBatchNorm(nn.Module):
