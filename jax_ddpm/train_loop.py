@@ -4,7 +4,7 @@ A work folder (``--workdir``) holds::
 
     config.json         the resolved TrainConfig of the latest (re)start
     metrics.jsonl       one JSON object per logging point: step, loss, images_per_s, lr, grad_norm, ...
-    loss.png            the loss curve (rewritten at every checkpoint and at the end)
+    loss.png            the loss curve (redrawn at checkpoints, at most every 30 s, and at the end)
     samples.png         the final sample grid (EMA weights, DDPM sampler, clipped x0, --bn-stats)
     samples/step_N.png  grids every --sample-every steps
     checkpoints/N/      orbax checkpoints (see jax_ddpm.checkpoint)
@@ -24,6 +24,7 @@ can kill a run in the middle.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -53,6 +54,7 @@ DEBUG_DELAY_ENV = "JAX_DDPM_DEBUG_STEP_DELAY"
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXIT_OK, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 3, 130
 MIN_BATCH_STATS = 16  # fewer images make --bn-stats batch noisy
+PLOT_EVERY_S = 30.0  # loss.png is redrawn at a checkpoint at most this often (and always at the end)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -340,9 +342,13 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
                 "num_images": int(images.shape[0])}
         ckpt.save(manager, step, ckpt.state_to_tree(state, train_key), meta)
 
-    def plot() -> None:
-        if history:
+    last_plot = [-float("inf")]
+
+    def plot(force: bool = False) -> None:
+        """Redraws loss.png (matplotlib takes ~0.5 s: at most every PLOT_EVERY_S, and at the end)."""
+        if history and (force or time.monotonic() - last_plot[0] >= PLOT_EVERY_S):
             save_loss_plot(files.loss_plot, [r["step"] for r in history], [r["loss"] for r in history])
+            last_plot[0] = time.monotonic()
 
     step_fn = make_step_fn()
     grid = _sample_grid_fn(config, keys)  # compiled at its first call
@@ -418,13 +424,14 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
         progress.close()
         manager.close()
     if status == EXIT_INTERRUPTED:
+        plot(force=True)
         print(f"jax-ddpm: interrupted; saved checkpoint {step} in {ckpt.checkpoint_dir(config.workdir)}",
               file=stream)
         return status
     t0 = time.perf_counter()
     save_grid(files.samples, grid(state))
     progress.message(f"sampled {config.num_samples} images in {time.perf_counter() - t0:.1f}s")
-    plot()
+    plot(force=True)
     if not config.quiet:
         print(f"trained {config.workdir} to step {step}; samples: {files.samples}")
     return EXIT_OK
@@ -486,6 +493,14 @@ def read_noise_file(path: str, timesteps: int, shape: tuple[int, int, int]) -> t
     return x_T, noises
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_sample_fn(model_config, sampler: str, bn_stats: str, clip_denoised: bool | None):
+    """One compiled sampler per model and options within a process (repeated ``sample`` calls)."""
+    options = {} if clip_denoised is None else {"clip_denoised": clip_denoised}
+    model = build_model(TrainConfig(workdir="", model=model_config))
+    return make_sample_fn(model, sampler, bn_stats=bn_stats, **options)
+
+
 def write_samples(path: str, samples: np.ndarray) -> None:
     """``.png``: one grid; ``.npz``: ``samples`` float32 [N, H, W, C] in [-1, 1] and ``images`` uint8."""
     if path.lower().endswith(".npz"):
@@ -505,8 +520,8 @@ def sample(config: SampleConfig, stream: TextIO | None = None) -> int:
         key = jax.random.key(config.seed)
         x_T = jax.random.normal(jax.random.fold_in(key, 0), (config.num,) + shape)
         noise = jax.random.fold_in(key, 1)
-    options = {"clip_denoised": config.clip_denoised} if config.sampler == "ddpm" else {}
-    sample_fn = make_sample_fn(build_model(run.config), config.sampler, bn_stats=config.bn_stats, **options)
+    sample_fn = _cached_sample_fn(run.config.model, config.sampler, config.bn_stats,
+                                  config.clip_denoised if config.sampler == "ddpm" else None)
     if config.bn_stats == "batch" and x_T.shape[0] < MIN_BATCH_STATS:
         print(f"jax-ddpm: warning: {x_T.shape[0]} images are few for --bn-stats batch (each image is "
               f"normalised with the batch's statistics); use {MIN_BATCH_STATS} or more, or --bn-stats running",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,22 +16,16 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import torch_ref.sample as torch_sample  # noqa: E402
+from cli_util import SHARED_STEPS, shared_run  # noqa: E402
 from torch_ref.weights import load_unet  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-TINY = ["--features", "8,16,32,64", "--image-size", "8", "--timesteps", "10", "--batch-size", "16",
-        "--ema-decay", "0.9", "--num-samples", "4", "--log-every", "5", "--quiet"]
 T, N, S = 10, 16, 8
 
 # JAX (XLA CPU, float32) vs torch (CPU, float32), same weights and noise, T = 10, 8x8, 16 images.
 # Measured max abs difference of the samples in [-1, 1]: running 1.8e-6, batch 2.4e-6.
 TOLERANCE = {"running": 1e-4, "batch": 1e-4}
-
-
-def _env(cache_dir) -> dict:
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
 
 
 def _ok(argv, capsys) -> str:
@@ -45,13 +37,7 @@ def _ok(argv, capsys) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("trained")
-    cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    cmd = [sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(wd), *TINY, "--steps", "20",
-           "--checkpoint-every", "10"]
-    done = subprocess.run(cmd, env=_env(cache), capture_output=True, timeout=400)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    return wd
+    return shared_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +59,9 @@ def noise_file(tmp_path_factory):
 def test_export_loads_in_torch_ref(exported):
     model, meta = load_unet(exported)  # strict load_state_dict: every name and shape
     assert meta["features"] == "8,16,32,64" and meta["timesteps"] == "10" and meta["schedule"] == "cosine"
-    assert meta["image_size"] == "8" and meta["step"] == "20"
+    assert meta["image_size"] == "8" and meta["step"] == str(SHARED_STEPS)
     assert not model.training
-    assert int(model.down1.bnorm.num_batches_tracked) == 2 * 20  # E5: two updates per forward pass
+    assert int(model.down1.bnorm.num_batches_tracked) == 2 * SHARED_STEPS  # E5: two updates per forward pass
 
 
 @pytest.mark.parametrize("bn_stats", ["running", "batch"])
@@ -87,8 +73,9 @@ def test_jax_and_torch_samples_agree(trained, exported, noise_file, tmp_path, ca
                               "--bn-stats", bn_stats]) == 0
     a, b = np.load(jax_out)["samples"], np.load(torch_out)["samples"]
     assert a.shape == b.shape == (N, S, S, 1)
-    assert np.abs(a).max() > 0.1  # not a degenerate all-zero output
+    assert (np.abs(a) < 0.999).mean() > 0.3  # most values are inside (-1, 1), not clipped
     err = np.abs(a - b).max()
+    print(f"jax vs torch samples, bn_stats={bn_stats}: max abs {err:.2e}")
     assert err <= TOLERANCE[bn_stats], f"max abs {err}"
     # Different noise gives different samples (the comparison above can fail).
     other = tmp_path / "other.npz"

@@ -6,27 +6,16 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cli_util import cli_env, shared_run, train_cmd
 from jax_ddpm import checkpoint as ckpt
 from jax_ddpm.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-TINY = ["--features", "8,16,32,64", "--image-size", "8", "--timesteps", "10", "--batch-size", "16",
-        "--ema-decay", "0.9", "--num-samples", "4", "--log-every", "5", "--quiet"]
-
-
-def _env(cache_dir, **extra) -> dict:
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
 
 def _snapshot(folder) -> dict:
     """{relative path: sha256} of every file under ``folder``."""
@@ -59,14 +48,8 @@ def workdir(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny trained work folder (checkpoints 5 and 10), via the real command."""
-    wd = tmp_path_factory.mktemp("trained")
-    cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    cmd = [sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(wd), *TINY, "--steps", "10",
-           "--checkpoint-every", "5"]
-    done = subprocess.run(cmd, env=_env(cache), capture_output=True, timeout=400)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    return wd
+    """A tiny trained work folder (checkpoints 40, 50, 60), via the real command."""
+    return shared_run(tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------- options
@@ -150,7 +133,7 @@ def test_sample_bad_out_and_missing_step(trained, tmp_path, capsys):
     assert "must end in .png or .npz" in _fails(["sample", "--workdir", str(trained), "--out",
                                                   str(tmp_path / "x.jpg")], capsys)
     err = _fails(["sample", "--workdir", str(trained), "--out", str(tmp_path / "x.png"), "--steps", "7"], capsys)
-    assert "--steps 7: no checkpoint for this step" in err and "have 5, 10" in err
+    assert "--steps 7: no checkpoint for this step" in err and "have 40, 50, 60" in err
 
 
 def test_convert_needs_one_direction(tmp_path, capsys):
@@ -161,34 +144,32 @@ def test_convert_needs_one_direction(tmp_path, capsys):
 def test_truncated_checkpoint(trained, tmp_path, capsys):
     wd = tmp_path / "damaged"
     shutil.copytree(trained, wd)
-    for root, _, files in os.walk(wd / "checkpoints" / "10" / "state"):
+    for root, _, files in os.walk(wd / "checkpoints" / "60" / "state"):
         for name in files:
             path = os.path.join(root, name)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
     before = _snapshot(wd)
     err = _fails(["sample", "--workdir", str(wd), "--out", str(tmp_path / "x.png")], capsys)
-    assert "checkpoints/10: checkpoint is incomplete, corrupt" in err
-    err = _fails(["train", "--workdir", str(wd), *TINY, "--steps", "20", "--checkpoint-every", "5"], capsys)
-    assert "checkpoints/10: checkpoint is incomplete, corrupt" in err
+    assert "checkpoints/60: checkpoint is incomplete, corrupt" in err
+    err = _fails(train_cmd(wd, steps=70)[3:], capsys)  # in-process: argv after "python -m jax_ddpm.cli"
+    assert "checkpoints/60: checkpoint is incomplete, corrupt" in err
     assert _snapshot(wd) == before
 
 
 def test_deleted_metadata(trained, tmp_path, capsys):
     wd = tmp_path / "nometa"
     shutil.copytree(trained, wd)
-    os.remove(wd / "checkpoints" / "10" / "meta" / "metadata")
+    os.remove(wd / "checkpoints" / "60" / "meta" / "metadata")
     err = _fails(["sample", "--workdir", str(wd), "--out", str(tmp_path / "x.png")], capsys)
-    assert "checkpoints/10" in err
+    assert "checkpoints/60" in err
 
 
 # ----------------------------------------------------------------------------- NaN
 def test_nan_loss_stops_with_status_3(tmp_path, tmp_path_factory):
     wd = tmp_path / "nan"
-    cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    cmd = [sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(wd), *TINY, "--steps", "20",
-           "--checkpoint-every", "5"]
-    done = subprocess.run(cmd, env=_env(cache, JAX_DDPM_DEBUG_NAN_AT_STEP=7), capture_output=True, timeout=400)
+    done = subprocess.run(train_cmd(wd, steps=20, every=5), env=cli_env(tmp_path_factory, JAX_DDPM_DEBUG_NAN_AT_STEP=7),
+                          capture_output=True, timeout=400)
     err = done.stderr.decode().strip()
     assert done.returncode == 3, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err

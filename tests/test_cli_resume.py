@@ -17,26 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+from cli_util import SHARED_STEPS as STEPS, cli_env, shared_run, train_cmd
 from jax_ddpm import checkpoint as ckpt
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-STEPS = 60
-TINY = ["--features", "8,16,32,64", "--image-size", "8", "--timesteps", "10", "--batch-size", "16",
-        "--ema-decay", "0.9", "--num-samples", "4", "--log-every", "5", "--quiet"]
-
-
-def _env(cache_dir, **extra) -> dict:
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _train_cmd(workdir, *more) -> list[str]:
-    return [sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(workdir), *TINY,
-            "--steps", str(STEPS), "--checkpoint-every", "5", *more]
-
 
 def _final_tree(workdir, step=STEPS) -> dict:
     """The checkpoint's arrays as NumPy, read without a template (orbax's own metadata)."""
@@ -48,6 +32,12 @@ def _final_tree(workdir, step=STEPS) -> dict:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
+def _finalized_steps(workdir) -> list[int]:
+    """Cheap poll: orbax renames a step's temporary folder to its bare number once finalized."""
+    folder = ckpt.checkpoint_dir(str(workdir))
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
 def _kill_when(proc, workdir, min_steps: int, extra_delay: float, timeout: float = 240,
                sig: int = signal.SIGKILL) -> list[int]:
     """Sends ``sig`` to ``proc`` once ``min_steps`` complete checkpoints exist (+ a delay); returns them."""
@@ -56,7 +46,7 @@ def _kill_when(proc, workdir, min_steps: int, extra_delay: float, timeout: float
         if proc.poll() is not None:
             pytest.fail(f"the run ended (status {proc.returncode}) before it could be killed: "
                         f"{proc.stderr.read().decode()[-500:]}")
-        steps = ckpt.complete_steps(str(workdir))
+        steps = _finalized_steps(workdir)
         if len(steps) >= min_steps:
             time.sleep(extra_delay)
             proc.send_signal(sig)
@@ -68,37 +58,32 @@ def _kill_when(proc, workdir, min_steps: int, extra_delay: float, timeout: float
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "jax_cache"
+def reference_run(tmp_path_factory):
+    return shared_run(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, cache_dir):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    done = subprocess.run(_train_cmd(workdir), env=_env(cache_dir), capture_output=True, timeout=400)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    return workdir
-
-
-def test_sigkill_and_resume_is_bit_identical(tmp_path, cache_dir, reference_run):
+def test_sigkill_and_resume_is_bit_identical(tmp_path, tmp_path_factory, reference_run):
     workdir = tmp_path / "killed"
-    env = _env(cache_dir, JAX_DDPM_DEBUG_STEP_DELAY="0.03")  # ~2 s of steps: room to kill mid-run
+    env = cli_env(tmp_path_factory, JAX_DDPM_DEBUG_STEP_DELAY="0.03")  # ~2 s of steps: room to kill mid-run
     # Kill 1: as soon as the first checkpoint is finalized (training is under way).
-    proc = subprocess.Popen(_train_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(train_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = _kill_when(proc, workdir, 1, 0.0)
     assert proc.returncode == -signal.SIGKILL and STEPS not in seen
     # Interrupt 2: a resumed run gets Ctrl-C (SIGINT) a moment after its next checkpoint; it
-    # saves a checkpoint at the step it reached and exits with status 130.
-    proc = subprocess.Popen(_train_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # saves a checkpoint at the step it reached and exits with status 130. It also asks for
+    # more steps: --steps may change on resume.
+    proc = subprocess.Popen(train_cmd(workdir, steps=STEPS + 20), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     seen2 = _kill_when(proc, workdir, len(seen) + 1, 0.07, sig=signal.SIGINT)
     err = proc.stderr.read().decode()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted; saved checkpoint" in err
     saved = int(err.split("saved checkpoint ")[1].split()[0])
     assert saved in ckpt.complete_steps(str(workdir)) and saved >= max(seen2)
-    assert STEPS not in ckpt.complete_steps(str(workdir)), "interrupted too late: nothing left to resume"
+    assert max(ckpt.complete_steps(str(workdir))) < STEPS, "interrupted too late: nothing left to resume"
+    assert json.load(open(workdir / "config.json"))["steps"] == STEPS + 20
     # Resume to the end.
-    done = subprocess.run(_train_cmd(workdir), env=_env(cache_dir), capture_output=True, timeout=400)
+    done = subprocess.run(train_cmd(workdir), env=cli_env(tmp_path_factory), capture_output=True, timeout=400)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
 
     expected, got = _final_tree(reference_run), _final_tree(workdir)
@@ -119,32 +104,18 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, cache_dir, reference_run)
     assert os.path.exists(workdir / "samples.png") and os.path.exists(workdir / "loss.png")
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, cache_dir, reference_run):
+def test_resume_with_other_settings_is_refused(tmp_path, reference_run, capsys):
     import shutil
+
+    from jax_ddpm.cli import main
 
     workdir = tmp_path / "copy"
     shutil.copytree(reference_run, workdir)
     before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(workdir) for p in fs}
-    cmd = _train_cmd(workdir, "--steps", str(STEPS + 5), "--lr", "0.01")
-    done = subprocess.run(cmd, env=_env(cache_dir), capture_output=True, timeout=200)
-    err = done.stderr.decode().strip()
-    assert done.returncode == 2, err
+    code = main(train_cmd(workdir, "--lr", "0.01", steps=STEPS + 5)[3:])  # in-process: argv after "-m jax_ddpm.cli"
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "--lr was 0.001, now 0.01" in err
     after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(workdir) for p in fs}
     assert after == before
-
-
-def test_longer_resume_continues_the_same_run(tmp_path, cache_dir, reference_run):
-    """--steps may grow: the resumed run starts at the last checkpoint and keeps its metrics."""
-    import shutil
-
-    workdir = tmp_path / "longer"
-    shutil.copytree(reference_run, workdir)
-    done = subprocess.run(_train_cmd(workdir, "--steps", str(STEPS + 5)), env=_env(cache_dir), capture_output=True,
-                          timeout=200)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert ckpt.complete_steps(str(workdir))[-1] == STEPS + 5
-    assert json.load(open(workdir / "config.json"))["steps"] == STEPS + 5
-    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
-    assert steps[-1] == STEPS + 5 and STEPS in steps

@@ -1,0 +1,42 @@
+"""Shared by the tests/test_cli_*.py modules: run `jax-ddpm` in a subprocess, one tiny trained run.
+
+Every subprocess shares one persistent XLA compilation cache under pytest's session
+folder, so only the first run pays for compiling the tiny model's programs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+TINY = ["--features", "8,16,32,64", "--image-size", "8", "--timesteps", "10", "--batch-size", "16",
+        "--ema-decay", "0.9", "--num-samples", "16", "--log-every", "5", "--quiet"]
+SHARED_STEPS = 60
+SHARED_EVERY = 10  # checkpoints 40, 50, 60 are kept (--keep-checkpoints 3)
+
+
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp() / "jax_cache")
+
+
+def cli_env(tmp_path_factory, **extra) -> dict:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir(tmp_path_factory),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               JAX_PLATFORMS="cpu")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def train_cmd(workdir, *more, steps: int = SHARED_STEPS, every: int = SHARED_EVERY) -> list[str]:
+    """``python -m jax_ddpm.cli train`` on the tiny model; later options override earlier ones."""
+    return [sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(workdir), *TINY,
+            "--steps", str(steps), "--checkpoint-every", str(every), *more]
+
+
+def shared_run(tmp_path_factory):
+    """The session's one uninterrupted tiny run (trained on first use, then reused read-only)."""
+    workdir = tmp_path_factory.getbasetemp() / "shared_tiny_run"
+    if not (workdir / "samples.png").exists():
+        done = subprocess.run(train_cmd(workdir), env=cli_env(tmp_path_factory), capture_output=True, timeout=600)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return workdir
