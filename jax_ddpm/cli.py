@@ -181,12 +181,18 @@ def _error(message: str, status: int = EXIT_BAD_INPUT) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "parity":
-        from parity_tests.report import main as parity_main  # needs torch; jax_ddpm itself does not
-        return parity_main(argv[1:])
-    if argv and argv[0] == "bench":
-        from benchmarks.__main__ import main as bench_main
-        return bench_main(argv[1:])
+    if argv and argv[0] in ("parity", "bench"):
+        # These need torch (jax_ddpm itself does not): a missing piece is one line, exit 2.
+        try:
+            if argv[0] == "parity":
+                from parity_tests.report import main as command_main
+            else:
+                from benchmarks.__main__ import main as command_main
+        except ImportError as e:
+            print(f"jax-ddpm {argv[0]}: error: cannot import what it needs ({e}); "
+                  f"install the test extra: pip install -e '.[test]'", file=sys.stderr)
+            return 2
+        return command_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
