@@ -235,7 +235,12 @@ class BatchIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> np.ndarray:
+    def next_indices(self) -> np.ndarray:
+        """Advances by one batch and returns its [B] indices into ``images`` (no image is copied).
+
+        A multi-process run calls this on every process (same seed, same position: same
+        indices) and keeps its own rows (``parallel.host_local_batch_indices``).
+        """
         n, b = self.images.shape[0], self.batch_size
         epoch, index = self.position
         if index + b > n:
@@ -243,7 +248,10 @@ class BatchIterator:
         if epoch != self._order_epoch:  # one permutation per epoch, as next_batch_indices draws it
             self._order_epoch, self._order = epoch, epoch_order(n, self.seed, epoch)
         self.position = DataPosition(epoch, index + b)
-        return self.images[self._order[index:index + b]]  # [B, H, W, C]
+        return self._order[index:index + b]
+
+    def __next__(self) -> np.ndarray:
+        return self.images[self.next_indices()]  # [B, H, W, C]
 
 
 __all__ = [

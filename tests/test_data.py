@@ -171,6 +171,15 @@ def test_next_batch_indices_matches_iterator():
         assert it.position == pos
 
 
+def test_next_indices_is_next_without_the_images():
+    images = np.arange(7, dtype=np.float32).reshape(7, 1, 1, 1)
+    a, b = BatchIterator(images, 2, seed=4), BatchIterator(images, 2, seed=4)
+    for _ in range(8):  # across epochs
+        idx = a.next_indices()
+        np.testing.assert_array_equal(images[idx], next(b))
+        assert a.position == b.position
+
+
 def test_batch_larger_than_data_is_refused():
     with pytest.raises(DataError, match="--batch-size 5 exceeds the 4 images"):
         BatchIterator(np.zeros((4, 1, 1, 1), np.float32), 5, seed=0)
