@@ -12,6 +12,11 @@ Orbax writes each step into a temporary folder and renames it when finalized, so
 process killed mid-save leaves no folder that looks complete; ``CheckpointManager`` lists
 finalized steps only, and temporary leftovers are removed when a writable manager opens.
 Saving is synchronous: the next (donated) train step cannot race the writer.
+
+Multi-process runs: every process calls :func:`save` and :func:`restore` with the same
+arguments (orbax writes each replicated array once and commits the step once); give
+:func:`restore` a template whose leaves carry the replicated sharding
+(``parallel.abstract_replicated``) and the arrays come back replicated over the mesh.
 """
 from __future__ import annotations
 
@@ -92,7 +97,10 @@ def tree_to_state(state: Any, tree: Mapping[str, Any]) -> tuple[Any, jax.Array]:
     state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
                           opt_state=tree["opt_state"],
                           ema_params=tree.get("ema_params") if state.ema_params is not None else None)
-    return state, jax.random.wrap_key_data(np.asarray(tree["rng"], np.uint32))
+    rng = tree["rng"]
+    if isinstance(rng, jax.Array) and not rng.is_fully_addressable:  # replicated over processes: any copy
+        rng = rng.addressable_data(0)
+    return state, jax.random.wrap_key_data(np.asarray(rng, np.uint32))
 
 
 def save(manager: ocp.CheckpointManager, step: int, tree: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
