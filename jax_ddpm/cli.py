@@ -36,7 +36,12 @@ checkpoints/N/ (orbax: params, BatchNorm statistics, optimizer state, EMA params
 RNG key, data position). Running the same command again resumes from the latest complete
 checkpoint and reproduces an uninterrupted run bit for bit (CPU); only --steps,
 --checkpoint-every, --keep-checkpoints, --sample-every, --num-samples, --log-every and
---quiet may change. Ctrl-C saves a checkpoint and exits with status 130."""
+--quiet may change, and so may the devices. Ctrl-C saves a checkpoint and exits with status 130.
+
+Devices: training is data-parallel over every device JAX sees (jax.sharding, one 'data'
+mesh axis): --batch-size is the global batch, each device gets an equal slice, and
+BatchNorm statistics are taken over the global batch, so N devices compute what one
+device computes with the same global batch. See docs/scaling.md."""
 
 
 BN_HELP = ("BatchNorm statistics while sampling: 'batch' normalises with the statistics of the sample batch "
@@ -94,7 +99,9 @@ def _add_train(sub) -> None:
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES,
                    help="compute dtype of the U-Net; parameters, optimizer state and the loss stay float32")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=o.batch_size, metavar="B", help="images per optimizer step (must not exceed the number of images)")
+    g.add_argument("--batch-size", type=int, default=o.batch_size, metavar="B",
+                   help="images per optimizer step: the global batch over all devices, split evenly between them "
+                        "(a multiple of the device count; must not exceed the number of images)")
     g.add_argument("--steps", type=int, default=t.steps, metavar="N",
                    help="train until step N (counting from the start of the run, also on resume)")
     g.add_argument("--lr", type=float, default=o.lr, help="Adam learning rate (constant)")
@@ -117,6 +124,13 @@ def _add_train(sub) -> None:
     g.add_argument("--log-every", type=int, default=t.log_every, metavar="N",
                    help="fetch the loss and append to metrics.jsonl every N steps (a host sync)")
     g.add_argument("--quiet", action="store_true", help="no progress display or messages (errors still print)")
+    g = p.add_argument_group("devices")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run (jax.distributed.initialize) before using any device; start the "
+                        "same command on every host. Cloud TPU, SLURM and Open MPI are detected; elsewhere set "
+                        "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID (a set "
+                        "JAX_COORDINATOR_ADDRESS alone also turns this on). Without it, training still runs "
+                        "data-parallel over every device of this machine")
 
 
 def _add_sample(sub) -> None:

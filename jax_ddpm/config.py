@@ -8,7 +8,9 @@ factories unpack the dataclasses into scalars.
 A training run's *identity* (:func:`identity`) is everything that decides which numbers
 it computes: model, diffusion, data and optimizer settings and the seed. A resume must
 keep it; training-length and bookkeeping options (``--steps``, ``--checkpoint-every``,
-``--sample-every``, ...) may change.
+``--sample-every``, ...) may change, and so may the devices: N devices compute the same
+maths as one (``jax_ddpm.parallel``), so neither the device count nor ``--distributed`` is
+part of the identity.
 """
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ class TrainConfig:
     bn_stats: str = "batch"
     log_every: int = 25
     quiet: bool = False
+    distributed: bool = False  # join a multi-process run (jax.distributed.initialize); not part of the identity
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,8 @@ def train_config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(workdir=d["workdir"], model=ModelConfig(**model), diffusion=DiffusionConfig(**d["diffusion"]),
                        data=DataConfig(**d["data"]), optim=OptimConfig(**d["optim"]),
                        **{k: d[k] for k in ("seed", "steps", "checkpoint_every", "keep_checkpoints", "sample_every",
-                                            "num_samples", "bn_stats", "log_every", "quiet") if k in d})
+                                            "num_samples", "bn_stats", "log_every", "quiet", "distributed")
+                          if k in d})
 
 
 def train_config_from_identity(workdir: str, ident: Mapping[str, Any]) -> TrainConfig:
@@ -253,7 +257,8 @@ def train_config_from_args(args: Any) -> TrainConfig:
                        sample_every=_non_negative("--sample-every", args.sample_every),
                        num_samples=_positive("--num-samples", args.num_samples),
                        bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS),
-                       log_every=_positive("--log-every", args.log_every), quiet=bool(args.quiet))
+                       log_every=_positive("--log-every", args.log_every), quiet=bool(args.quiet),
+                       distributed=bool(getattr(args, "distributed", False)))
 
 
 def _time_emb_dim(value: int) -> int:

@@ -14,8 +14,15 @@ and the data order is a function of ``(seed, epoch)``; the checkpoint holds the 
 state, the key and the data position, so a run restarted from any checkpoint computes the
 same bits as one that never stopped (on one CPU backend; ``tests/test_cli_resume.py``).
 
-Every train step goes through :func:`make_step_fn` (one place to add data-parallel
-sharding: it returns ``step_fn(state, host_batch, key)``).
+Devices (``jax_ddpm.parallel``): :func:`setup_devices` joins a multi-process run when asked
+(before any other JAX call), builds one ``data`` mesh over every device and checks that the
+global ``--batch-size`` splits evenly. The state and key are replicated over the mesh
+(after init and after restore), every process draws the same global batch indices and
+feeds only its own rows, and :func:`make_step_fn` is ``parallel.make_sharded_train_step``.
+Every process takes part in the steps, the checkpoint saves and restores and the
+non-finite-loss stop; only process 0 writes ``config.json``, ``metrics.jsonl``, plots,
+sample grids and messages. In a multi-process run Ctrl-C is acted on at the next logging
+or checkpoint step, once all processes agree (one small all-gather there).
 
 Testing hooks (not options): ``JAX_DDPM_DEBUG_NAN_AT_STEP=k`` replaces the batch of step
 ``k`` with NaNs, to exercise the non-finite-loss stop (exit status 3);
@@ -37,8 +44,10 @@ from typing import Any, Callable, Mapping, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from . import checkpoint as ckpt
+from . import parallel
 from .config import (ConfigError, ConvertConfig, SampleConfig, TrainConfig, identity, identity_mismatch, to_dict,
                      train_config_from_identity)
 from .convert import from_torch_state_dict, load_safetensors, metadata_for, save_safetensors, to_torch_state_dict
@@ -51,7 +60,6 @@ from .training import TrainState, create_train_state, make_optimizer, train_step
 
 DEBUG_NAN_ENV = "JAX_DDPM_DEBUG_NAN_AT_STEP"
 DEBUG_DELAY_ENV = "JAX_DDPM_DEBUG_STEP_DELAY"
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXIT_OK, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 3, 130
 MIN_BATCH_STATS = 16  # fewer images make --bn-stats batch noisy
 PLOT_EVERY_S = 30.0  # loss.png is redrawn at a checkpoint at most this often (and always at the end)
@@ -65,7 +73,7 @@ class NonFiniteLossError(RuntimeError):
 def build_model(config: TrainConfig) -> UNet:
     m = config.model
     return UNet(img_channels=m.channels, time_emb_dim=m.time_emb_dim, features=tuple(m.features),
-                dtype=COMPUTE_DTYPES[m.dtype])
+                dtype=parallel.compute_dtype(m.dtype))
 
 
 def build_schedule(config: TrainConfig) -> DiffusionSchedule:
@@ -112,22 +120,84 @@ def abstract_state(config: TrainConfig) -> TrainState:
     return jax.eval_shape(make_init_fn(config), jax.random.key(0), build_schedule(config))
 
 
-def make_step_fn(donate: bool = True) -> Callable[[TrainState, np.ndarray, jax.Array], tuple[TrainState, dict]]:
-    """``step_fn(state, host_batch, key) -> (state, metrics)``: the one place a train step is
-    compiled and fed.
+def make_step_fn(mesh: Mesh | None = None,
+                 donate: bool = True) -> Callable[[TrainState, np.ndarray, jax.Array], tuple[TrainState, dict]]:
+    """``step_fn(state, local_batch, key) -> (state, metrics)``: the one place a train step is
+    compiled and fed: ``parallel.make_sharded_train_step`` over ``mesh`` (every device by default).
 
-    The batch arrives as a NumPy [B, H, W, C] array; this function moves it to the device
-    and calls the jitted ``training.train_step`` with the state donated. Data-parallel
-    training replaces exactly this: shard the batch (``jax.device_put`` with a
-    ``NamedSharding``) and jit with ``in_shardings`` / ``out_shardings``.
+    ``local_batch`` is this process's NumPy rows of the global batch ([B, H, W, C] in a
+    single-process run); the state must be replicated on ``mesh`` (``parallel.shard_state``)
+    and is donated; outputs come back replicated.
     """
-    jitted = jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    return parallel.make_sharded_train_step(parallel.make_mesh() if mesh is None else mesh, train_step,
+                                            donate=donate)
 
-    def step_fn(state: TrainState, batch: np.ndarray, key: jax.Array):
-        return jitted(state, jnp.asarray(batch), key)
 
-    step_fn.jitted = jitted
-    return step_fn
+# ----------------------------------------------------------------------------- devices
+@dataclass(frozen=True)
+class Devices:
+    """The mesh a run trains on and the numbers it reports (``parallel.batch_sizes``)."""
+
+    mesh: Mesh
+    sizes: dict
+    process_index: int
+    process_count: int
+
+    @property
+    def primary(self) -> bool:
+        """Process 0 writes the files and messages; the others only compute and checkpoint."""
+        return self.process_index == 0
+
+    def describe(self) -> str:
+        z = self.sizes
+        text = (f"{z['num_devices']} {jax.devices()[0].platform} device{'s' if z['num_devices'] != 1 else ''}, "
+                f"{z['num_processes']} process{'es' if z['num_processes'] != 1 else ''}: "
+                f"global batch {z['global_batch']}, {z['per_device_batch']} per device")
+        return text + (f", {z['per_process_batch']} per process" if z["num_processes"] > 1 else "")
+
+
+def setup_devices(config: TrainConfig) -> Devices:
+    """Joins a multi-process run when asked, builds the ``data`` mesh and checks the batch.
+
+    Must run before anything else touches a JAX backend (``jax.distributed.initialize``
+    refuses afterwards).
+
+    Raises:
+      ConfigError: the multi-process start failed, or ``--batch-size`` does not split evenly
+        over the devices.
+    """
+    try:
+        parallel.maybe_initialize_distributed(config.distributed)
+    except Exception as e:  # ValueError, RuntimeError, XlaRuntimeError (timeouts), ...
+        what = "--distributed" if config.distributed else "JAX_COORDINATOR_ADDRESS is set"
+        raise ConfigError(f"{what}: cannot join the multi-process run ({_one_line(e)})") from None
+    mesh = parallel.make_mesh()
+    try:
+        sizes = parallel.batch_sizes(config.optim.batch_size, mesh)
+    except ValueError as e:
+        raise ConfigError(f"--batch-size: {e}") from None
+    return Devices(mesh=mesh, sizes=sizes, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def local_copy(tree: Any) -> Any:
+    """Each array's first addressable copy (a single-device array): for host reads of
+    replicated arrays (``jax.device_get`` refuses arrays spread over processes) and for
+    programs that should run on one device (sample grids)."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+def any_process(flag: bool, devices: Devices) -> bool:
+    """True if ``flag`` is set on any process (an all-gather when there are several)."""
+    if devices.process_count == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 # ----------------------------------------------------------------------------- work folder
@@ -298,6 +368,8 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
       NonFiniteLossError: after stopping on a non-finite loss (the last good checkpoint kept).
     """
     stream = stream or sys.stderr
+    devices = setup_devices(config)  # first: jax.distributed.initialize must precede any other JAX call
+    mesh, primary = devices.mesh, devices.primary
     files = RunFiles(config.workdir)
     images = load_images(config.data.source, config.model.image_size, config.model.channels, config.data.layout)
     if config.optim.batch_size > images.shape[0]:
@@ -313,45 +385,57 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
         reader = ckpt.make_manager(config.workdir, read_only=True)
         meta = _check_resume(config, reader, start, data_fp)
         template = abstract_state(config)
-        tree = ckpt.restore(reader, start, ckpt.state_to_tree(template, jax.random.key_data(keys["train"])))
+        target = parallel.abstract_replicated(ckpt.state_to_tree(template, jax.random.key_data(keys["train"])), mesh)
+        tree = ckpt.restore(reader, start, target)  # arrays come back replicated over the mesh
         reader.close()
         state, train_key = ckpt.tree_to_state(template.replace(schedule=schedule), tree)
         position = DataPosition(*meta["data_position"])
     else:
         start, position, state, train_key = 0, DataPosition(0, 0), None, keys["train"]
 
-    progress = Progress(config.steps, config.quiet, stream)
+    progress = Progress(config.steps, config.quiet or not primary, stream)
     if start >= config.steps:
-        if not os.path.exists(files.samples):  # killed between the last checkpoint and the grid
-            save_grid(files.samples, _sample_grid_fn(config, keys)(state))
+        if primary and not os.path.exists(files.samples):  # killed between the last checkpoint and the grid
+            save_grid(files.samples, _sample_grid_fn(config, keys)(local_copy(state)))
         progress.message(f"{config.workdir}: already at step {start} (--steps {config.steps}); nothing to train")
         return EXIT_OK
 
     os.makedirs(config.workdir, exist_ok=True)
-    write_json(files.config, dict(to_dict(config), version=1))
-    history = trim_metrics(files.metrics, start)
+    if primary:
+        write_json(files.config, dict(to_dict(config), version=1, parallel=devices.sizes))
+        history = trim_metrics(files.metrics, start)
+    else:
+        history = []
+    progress.message(devices.describe())
     if state is None:
         state = init_state(config, keys["init"], schedule)
     else:
         progress.message(f"resuming {config.workdir} from step {start}")
+    parallel.check_float32_state(state)  # --dtype bfloat16 is compute only
+    state, train_key = parallel.shard_state(state, mesh), parallel.shard_state(train_key, mesh)
     manager = ckpt.make_manager(config.workdir, keep=config.keep_checkpoints)
     ident = identity(config)
 
     def save(step: int) -> None:
+        """Called by every process (orbax coordinates a multi-process save)."""
         meta = {"identity": ident, "data_fingerprint": data_fp, "data_position": list(iterator.position),
-                "num_images": int(images.shape[0])}
+                "num_images": int(images.shape[0]), "parallel": devices.sizes}
         ckpt.save(manager, step, ckpt.state_to_tree(state, train_key), meta)
 
     last_plot = [-float("inf")]
 
     def plot(force: bool = False) -> None:
         """Redraws loss.png (matplotlib takes ~0.5 s: at most every PLOT_EVERY_S, and at the end)."""
-        if history and (force or time.monotonic() - last_plot[0] >= PLOT_EVERY_S):
+        if primary and history and (force or time.monotonic() - last_plot[0] >= PLOT_EVERY_S):
             save_loss_plot(files.loss_plot, [r["step"] for r in history], [r["loss"] for r in history])
             last_plot[0] = time.monotonic()
 
-    step_fn = make_step_fn()
-    grid = _sample_grid_fn(config, keys)  # compiled at its first call
+    step_fn = make_step_fn(mesh)
+    sample_grid = _sample_grid_fn(config, keys)  # compiled at its first call
+
+    def grid(state: TrainState) -> np.ndarray:
+        return sample_grid(local_copy(state))  # one device, not the whole mesh
+
     iterator = BatchIterator(images, config.optim.batch_size, config.seed, position)
     nan_at = int(os.environ.get(DEBUG_NAN_ENV, "0") or 0)
     delay = float(os.environ.get(DEBUG_DELAY_ENV, "0") or 0)
@@ -363,11 +447,13 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
     first_step_done = False
 
     def flush_metrics() -> None:
-        """Fetches the pending losses (one host sync), stops on NaN, appends a metrics line."""
+        """Fetches the pending losses (one host sync), stops on NaN, appends a metrics line.
+
+        Every process runs it (the metrics are replicated, so all of them stop together)."""
         nonlocal timer_step, timer
         if not pending:
             return
-        fetched = jax.device_get([m for _, m in pending])
+        fetched = jax.device_get(local_copy([m for _, m in pending]))
         rows = [(s, float(m["loss"]), float(m["grad_norm"])) for (s, _), m in zip(pending, fetched)]
         pending.clear()
         bad = _nonfinite_step(rows)
@@ -381,9 +467,10 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
         row = {"step": step, "loss": float(np.mean([r[1] for r in rows])), "grad_norm": rows[-1][2],
                "images_per_s": round(rate, 2), "lr": config.optim.lr, "epoch": int(iterator.position[0]),
                "time": round(time.time(), 3)}
-        history.append(row)
-        with open(files.metrics, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if primary:
+            history.append(row)
+            with open(files.metrics, "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
         progress.log(step, row["loss"], rate)
         timer_step, timer = step, now
 
@@ -391,7 +478,10 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
     try:
         with InterruptFlag() as interrupt:
             while step < config.steps:
-                batch = next(iterator)  # [B, H, W, C] float32
+                # Every process draws the same global indices and keeps its own rows.
+                indices = parallel.host_local_batch_indices(iterator.next_indices(), devices.process_index,
+                                                            devices.process_count)
+                batch = images[indices]  # [B / processes, H, W, C] float32
                 if nan_at and step + 1 == nan_at:
                     batch = np.full_like(batch, np.nan)
                 state, metrics = step_fn(state, batch, train_key)
@@ -402,22 +492,29 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
                     first_step_done = True
                     progress.message(f"compiled and ran the first step in {time.perf_counter() - timer:.1f}s")
                     timer_step, timer = step, time.perf_counter()
-                at_checkpoint = step % config.checkpoint_every == 0 or step == config.steps or interrupt.raised
-                if step % config.log_every == 0 or at_checkpoint:
+                at_log = step % config.log_every == 0
+                at_checkpoint = step % config.checkpoint_every == 0 or step == config.steps
+                if devices.process_count == 1:
+                    stop = interrupt.raised
+                else:  # processes must agree on where to stop: only at steps every one of them checks
+                    stop = (at_log or at_checkpoint) and any_process(interrupt.raised, devices)
+                at_checkpoint = at_checkpoint or stop
+                if at_log or at_checkpoint:
                     flush_metrics()  # raises NonFiniteLossError before a bad state is saved
                 if at_checkpoint:
                     save(step)
                     last_good = step
                     plot()
                     timer_step, timer = step, time.perf_counter()  # checkpoint time is not training time
-                if config.sample_every and step % config.sample_every == 0 and step < config.steps:
-                    os.makedirs(os.path.dirname(files.step_samples(step)), exist_ok=True)
-                    save_grid(files.step_samples(step), grid(state))
+                if config.sample_every and step % config.sample_every == 0 and step < config.steps and not stop:
+                    if primary:
+                        os.makedirs(os.path.dirname(files.step_samples(step)), exist_ok=True)
+                        save_grid(files.step_samples(step), grid(state))
                     timer_step, timer = step, time.perf_counter()  # sampling time is not training time
                 progress.update(step)
                 if delay:
                     time.sleep(delay)
-                if interrupt.raised:
+                if stop:
                     status = EXIT_INTERRUPTED
                     break
     finally:
@@ -425,15 +522,17 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
         manager.close()
     if status == EXIT_INTERRUPTED:
         plot(force=True)
-        print(f"jax-ddpm: interrupted; saved checkpoint {step} in {ckpt.checkpoint_dir(config.workdir)}",
-              file=stream)
+        if primary:
+            print(f"jax-ddpm: interrupted; saved checkpoint {step} in {ckpt.checkpoint_dir(config.workdir)}",
+                  file=stream)
         return status
-    t0 = time.perf_counter()
-    save_grid(files.samples, grid(state))
-    progress.message(f"sampled {config.num_samples} images in {time.perf_counter() - t0:.1f}s")
-    plot(force=True)
-    if not config.quiet:
-        print(f"trained {config.workdir} to step {step}; samples: {files.samples}")
+    if primary:
+        t0 = time.perf_counter()
+        save_grid(files.samples, grid(state))
+        progress.message(f"sampled {config.num_samples} images in {time.perf_counter() - t0:.1f}s")
+        plot(force=True)
+        if not config.quiet:
+            print(f"trained {config.workdir} to step {step}; samples: {files.samples}")
     return EXIT_OK
 
 
@@ -469,7 +568,10 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
             raise ckpt.CheckpointError(f"{ckpt.checkpoint_dir(workdir)}/{step}: unreadable run settings ({e})") from None
         template = abstract_state(config)
         key_like = jax.random.key_data(jax.random.key(0))
-        tree = ckpt.restore(manager, step, ckpt.state_to_tree(template, key_like))
+        # onto one device, whatever mesh the run was trained on (orbax otherwise insists on its topology)
+        one_device = parallel.make_mesh(jax.local_devices()[:1])
+        tree = ckpt.restore(manager, step, parallel.abstract_replicated(ckpt.state_to_tree(template, key_like),
+                                                                        one_device))
     finally:
         manager.close()
     state, _ = ckpt.tree_to_state(template.replace(schedule=build_schedule(config)), tree)
@@ -610,8 +712,8 @@ def import_weights(config: ConvertConfig, stream: TextIO | None = None) -> int:
 
 
 __all__ = [
-    "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK", "LoadedRun", "NonFiniteLossError", "Progress", "RunFiles",
+    "Devices", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK", "LoadedRun", "NonFiniteLossError", "Progress", "RunFiles",
     "abstract_state", "build_model", "build_optimizer", "build_schedule", "export_weights", "image_shape",
-    "import_weights", "init_state", "load_run", "make_init_fn", "make_step_fn", "read_noise_file", "run_keys",
-    "sample", "train", "write_samples",
+    "import_weights", "init_state", "load_run", "local_copy", "make_init_fn", "make_step_fn", "read_noise_file",
+    "run_keys", "sample", "setup_devices", "train", "write_samples",
 ]

@@ -39,5 +39,5 @@ def test_train_has_the_issue_options():
     have = {s for a in parser._actions for s in a.option_strings}
     wanted = {"--data", "--image-size", "--channels", "--features", "--timesteps", "--schedule", "--batch-size",
               "--steps", "--lr", "--ema-decay", "--grad-clip", "--seed", "--checkpoint-every", "--sample-every",
-              "--workdir", "--dtype", "--layout", "--quiet"}
+              "--workdir", "--dtype", "--layout", "--quiet", "--distributed"}
     assert wanted <= have
