@@ -82,6 +82,18 @@ def _tree(workdir, step: int) -> dict:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
+def _saved_shardings(workdir, step: int) -> set:
+    """{(axis names, mesh shape, partition spec)} of the arrays in a checkpoint, from orbax's metadata."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(ckpt.checkpoint_dir(str(workdir)), str(step), ckpt.STATE_ITEM)
+    with ocp.StandardCheckpointer() as reader:
+        leaves = jax.tree_util.tree_leaves(reader.metadata(path).item_metadata.tree)
+    return {(type(m.sharding).__name__, tuple(getattr(m.sharding, "axis_names", ())),
+             tuple(getattr(m.sharding, "shape", ())), tuple(getattr(m.sharding, "partition_spec", ())))
+            for m in leaves}
+
+
 def _meta(workdir, step: int) -> dict:
     return json.load(open(os.path.join(ckpt.checkpoint_dir(str(workdir)), str(step), "meta", "metadata")))
 
@@ -134,6 +146,8 @@ def test_four_devices_train_end_to_end(four_device_run):
     assert json.load(open(workdir / "config.json"))["parallel"] == expected
     assert _meta(workdir, 10)["parallel"] == expected
     assert ckpt.complete_steps(str(workdir)) == [5, 10]
+    # The state the step produced lived replicated on a 4-device 'data' mesh.
+    assert _saved_shardings(workdir, 10) == {("NamedShardingMetadata", ("data",), (DEVICES,), ())}
     assert (workdir / "samples.png").exists() and (workdir / "loss.png").exists()
     assert sorted(_metrics(workdir)) == [5, 10]
     # Same data order as the 1-device run: the position after 10 batches of 16.
