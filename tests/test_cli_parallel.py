@@ -23,7 +23,8 @@ Measured (jax 0.10.2, CPU, 2 shared cores; tiny model, 8x8 digits, global batch 
   A 4-device run resumed from a checkpoint ends bit-identical to one that never stopped.
   bfloat16 vs float32, 4 devices, loss of steps 1-5: 2.2e-4 relative (tolerance 3e-3).
   Wall time of the 4-device 10-step tiny run (compile included, persistent cache cold for
-  it): 40-62 s; the whole module without -m slow: ~100 s beyond the shared 1-device run.
+  it): 40-70 s; the whole module without -m slow: 100-150 s (machine load) beyond the
+  shared 1-device run.
 """
 from __future__ import annotations
 
