@@ -1,0 +1,130 @@
+"""Where a train step's time goes: forward, forward + backward, and the whole step, per framework.
+
+    python -m benchmarks.breakdown [--size probe] [--batch 32] [--reps 5] [--jax-conv-impl auto]
+
+Times, interleaved in one process on the same weights and batch (train mode, fixed t and noise):
+
+* ``forward``: the U-Net's train-mode forward pass and the loss (JAX: jitted ``loss_fn``;
+  torch: ``loss_fn`` under ``torch.no_grad()``);
+* ``forward+backward``: the loss and its gradient (JAX: jitted ``value_and_grad``; torch:
+  ``loss.backward()``);
+* ``step``: the whole train step with Adam (JAX: jitted, donated ``train_step_with_noise``;
+  torch: ``torch_ref.training.train_step``).
+
+backward = (forward+backward) - forward and optimizer = step - (forward+backward) are
+differences of medians, printed as such. XLA_FLAGS is used as the caller set it (compare
+``XLA_FLAGS=`` with the benchmark's default, ``benchmarks.__main__.CPU_XLA_FLAGS``).
+Prints one Markdown table; nothing is written to disk.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="probe", choices=("digits", "chapter", "probe"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--jax-conv-impl", default="auto", choices=("auto", "xla", "decomposed"))
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.reps < 1:
+        p.error("--batch and --reps must be positive")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from jax_ddpm import training
+    from jax_ddpm.schedules import make_schedule
+    from torch_ref.diffusion import DiffusionProcess
+    from torch_ref.training import loss_fn as torch_loss_fn
+    from torch_ref.training import make_optimizer, train_step
+
+    from . import cases
+    from .measure import time_interleaved
+
+    size = cases.SIZES[args.size]
+    b = args.batch
+    base = cases.torch_model(size, "cpu")
+    variables = cases.jax_variables(base)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(b, size.channels, size.image_size, size.image_size, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, size.timesteps, (b,), generator=gen)
+
+    # torch
+    model = base.train()
+    diffusion = DiffusionProcess(size.timesteps)
+    opt = make_optimizer(model, lr=1e-3)
+
+    def t_forward():
+        with torch.no_grad():
+            torch_loss_fn(model, diffusion, x0, t, noise)
+
+    def t_backward():
+        model.zero_grad(set_to_none=True)
+        torch_loss_fn(model, diffusion, x0, t, noise).backward()
+
+    def t_step():
+        train_step(model, diffusion, opt, x0, t=t, noise=noise)
+
+    # jax (NHWC)
+    jm = cases.jax_model(size, "float32", args.jax_conv_impl)
+    schedule = make_schedule(size.timesteps, "linear")
+    jx0 = jnp.asarray(x0.permute(0, 2, 3, 1).numpy())
+    jnoise = jnp.asarray(noise.permute(0, 2, 3, 1).numpy())
+    jt = jnp.asarray(t.numpy().astype(np.int32))
+    params, stats = variables["params"], variables["batch_stats"]
+    loss = jax.jit(lambda p, s: training.loss_fn(p, s, jm.apply, schedule, jx0, jt, jnoise)[0])
+    grad = jax.jit(jax.value_and_grad(lambda p, s: training.loss_fn(p, s, jm.apply, schedule, jx0, jt, jnoise)[0]))
+    tx = training.make_optimizer(1e-3)
+    state = training.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree_util.tree_map(jnp.copy, params),
+                                batch_stats=jax.tree_util.tree_map(jnp.copy, stats), opt_state=tx.init(params),
+                                ema_params=None, schedule=schedule, apply_fn=jm.apply, tx=tx)
+    step = jax.jit(training.train_step_with_noise, donate_argnums=0)
+    box = [state]
+
+    def j_forward():
+        loss(params, stats).block_until_ready()
+
+    def j_backward():
+        jax.block_until_ready(grad(params, stats))
+
+    def j_step():
+        box[0], _ = step(box[0], jx0, jt, jnoise)
+        jax.block_until_ready(box[0])
+
+    runners = {"jax forward": j_forward, "torch forward": t_forward, "jax forward+backward": j_backward,
+               "torch forward+backward": t_backward, "jax step": j_step, "torch step": t_step}
+    for r in runners.values():  # compile + warm up
+        r()
+        r()
+    cpu: dict = {}
+    times = time_interleaved(runners, args.reps, cpu)
+    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    cpu_med = {k: float(np.median(v)) * 1e3 for k, v in cpu.items()}
+    print(f"# train-step breakdown: {size.name} ({size.image_size}x{size.image_size}x{size.channels}, "
+          f"features {','.join(map(str, size.features))}), batch {b}, fp32, jax conv_impl {args.jax_conv_impl}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, median of {args.reps}, load {os.getloadavg()[0]:.1f}\n")
+    print("| phase | jax ms | torch ms | torch/jax (speed ratio) | jax CPU-ms | torch CPU-ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = [("forward", "forward", None), ("forward+backward", "forward+backward", None),
+            ("step", "step", None), ("backward (difference)", "forward+backward", "forward"),
+            ("optimizer + rest (difference)", "step", "forward+backward")]
+    for label, a, sub in rows:
+        j = med[f"jax {a}"] - (med[f"jax {sub}"] if sub else 0)
+        tt = med[f"torch {a}"] - (med[f"torch {sub}"] if sub else 0)
+        jc = cpu_med[f"jax {a}"] - (cpu_med[f"jax {sub}"] if sub else 0)
+        tc = cpu_med[f"torch {a}"] - (cpu_med[f"torch {sub}"] if sub else 0)
+        print(f"| {label} | {j:.1f} | {tt:.1f} | {tt / j:.2f}x | {jc:.1f} | {tc:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
