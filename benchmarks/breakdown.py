@@ -83,10 +83,7 @@ def main(argv=None) -> int:
     params, stats = variables["params"], variables["batch_stats"]
     loss = jax.jit(lambda p, s: training.loss_fn(p, s, jm.apply, schedule, jx0, jt, jnoise)[0])
     grad = jax.jit(jax.value_and_grad(lambda p, s: training.loss_fn(p, s, jm.apply, schedule, jx0, jt, jnoise)[0]))
-    tx = training.make_optimizer(1e-3)
-    state = training.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree_util.tree_map(jnp.copy, params),
-                                batch_stats=jax.tree_util.tree_map(jnp.copy, stats), opt_state=tx.init(params),
-                                ema_params=None, schedule=schedule, apply_fn=jm.apply, tx=tx)
+    state = cases.jax_train_state(variables, size, "float32", args.jax_conv_impl)
     step = jax.jit(training.train_step_with_noise, donate_argnums=0)
     box = [state]
 

@@ -96,13 +96,6 @@ def _autocast(device: str, dtype: str):
     return torch.autocast(device_type=device, dtype=getattr(torch, dtype))
 
 
-def _compile_module(model, notes: list[str]):
-    """``torch.compile(model)``; the caller retries with :func:`_compile_module_embedding_eager`."""
-    import torch
-
-    return torch.compile(model)
-
-
 def _compile_module_embedding_eager(model, notes: list[str]):
     """torch.compile with torch_ref's SinusoidalPositionEmbeddings left eager.
 
@@ -118,23 +111,37 @@ def _compile_module_embedding_eager(model, notes: list[str]):
     return torch.compile(model)
 
 
-def _first_call_compiled(build: Callable[[Any, list], Any], model, call: Callable[[Any], None],
-                         notes: list[str], info: dict):
-    """Compiles ``model`` and makes the first call; on failure retries with the embedding eager."""
+def _first_call_compiled(model, call: Callable[[Any], None], info: dict):
+    """``torch.compile(model)`` and the first call; on failure retries with the embedding eager."""
     import torch
 
-    compiled = build(model, notes)
+    compiled = torch.compile(model)
     t0 = time.perf_counter()
     try:
         call(compiled)
     except Exception as exc:  # noqa: BLE001 - recorded; retried below
         info["error_full_compile"] = _err(exc)
         torch._dynamo.reset()
-        compiled = _compile_module_embedding_eager(model, notes)
+        compiled = _compile_module_embedding_eager(model, info["notes"])
         t0 = time.perf_counter()
         call(compiled)
     info["first_call_s"] = time.perf_counter() - t0
     return compiled
+
+
+def _torch_runner(impl: str, model, call: Callable[[Any], None], compiled: bool, device: str) -> Runner:
+    """Makes the first call of ``call(net)`` (compiling ``model`` first if asked), records its
+    time and, on CUDA, one call's peak memory; returns the runner of ``call(net)``."""
+    info: dict = {"notes": []}
+    if compiled:
+        net = _first_call_compiled(model, call, info)
+    else:
+        t0 = time.perf_counter()
+        call(model)
+        info["first_call_s"] = time.perf_counter() - t0
+        net = model
+    info["memory"] = _torch_cuda_step_memory(lambda: call(net)) if device == "cuda" else {}
+    return Runner(impl, lambda: call(net), info)
 
 
 def torch_train_runner(base_model, size: ModelSize, batch: int, device: str, dtype: str, compiled: bool,
@@ -153,7 +160,6 @@ def torch_train_runner(base_model, size: ModelSize, batch: int, device: str, dty
         gen = torch.Generator(device=device).manual_seed(seed)
         x0 = torch.randn(batch, size.channels, size.image_size, size.image_size, generator=gen, device=device)
         sync = _sync(device)
-        info: dict = {"notes": []}
 
         def step(net):
             t = torch.randint(0, size.timesteps, (batch,), generator=gen, device=device)
@@ -162,15 +168,7 @@ def torch_train_runner(base_model, size: ModelSize, batch: int, device: str, dty
                 train_step(net, diffusion, optimizer, x0, t=t, noise=noise)
             sync()
 
-        if compiled:
-            net = _first_call_compiled(_compile_module, model, step, info["notes"], info)
-        else:
-            t0 = time.perf_counter()
-            step(model)
-            info["first_call_s"] = time.perf_counter() - t0
-            net = model
-        info["memory"] = _torch_cuda_step_memory(lambda: step(net)) if device == "cuda" else {}
-        return Runner(impl, lambda: step(net), info)
+        return _torch_runner(impl, model, step, compiled, device)
     except Exception as exc:  # noqa: BLE001
         return Runner(impl, error=_err(exc))
 
@@ -190,22 +188,13 @@ def torch_sample_runner(base_model, size: ModelSize, batch: int, timesteps: int,
         gen = torch.Generator(device=device).manual_seed(seed)
         x_T = torch.randn(batch, size.channels, size.image_size, size.image_size, generator=gen, device=device)
         sync = _sync(device)
-        info: dict = {"notes": []}
 
         def chain(net):
             with _autocast(device, dtype):
                 sample(net, diffusion, x_T, generator=gen)
             sync()
 
-        if compiled:
-            net = _first_call_compiled(_compile_module, model, chain, info["notes"], info)
-        else:
-            t0 = time.perf_counter()
-            chain(model)
-            info["first_call_s"] = time.perf_counter() - t0
-            net = model
-        info["memory"] = _torch_cuda_step_memory(lambda: chain(net)) if device == "cuda" else {}
-        return Runner(impl, lambda: chain(net), info)
+        return _torch_runner(impl, model, chain, compiled, device)
     except Exception as exc:  # noqa: BLE001
         return Runner(impl, error=_err(exc))
 
@@ -281,6 +270,24 @@ def _lower_compile(fn, *args) -> tuple[Any, dict]:
     return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1}
 
 
+def jax_train_state(variables: dict, size: ModelSize, dtype: str, conv_impl: str):
+    """A fresh ``TrainState`` (Adam(1e-3), no EMA, linear schedule) on copies of ``variables``,
+    so that donating it leaves ``variables`` intact."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_ddpm import training
+    from jax_ddpm.schedules import make_schedule
+
+    model = jax_model(size, dtype, conv_impl)
+    tx = training.make_optimizer(1e-3)
+    params = jax.tree_util.tree_map(jnp.copy, variables["params"])
+    return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               batch_stats=jax.tree_util.tree_map(jnp.copy, variables["batch_stats"]),
+                               opt_state=tx.init(params), ema_params=None,
+                               schedule=make_schedule(size.timesteps, "linear"), apply_fn=model.apply, tx=tx)
+
+
 def jax_train_runner(variables: dict, size: ModelSize, batch: int, dtype: str, conv_impl: str,
                      seed: int = 1) -> Runner:
     """jax_ddpm.training.train_step, jitted with the state donated, on a fixed batch."""
@@ -291,15 +298,8 @@ def jax_train_runner(variables: dict, size: ModelSize, batch: int, dtype: str, c
 
         from jax_ddpm import training
         from jax_ddpm.models.convolutions import resolve_conv_impl
-        from jax_ddpm.schedules import make_schedule
 
-        model = jax_model(size, dtype, conv_impl)
-        tx = training.make_optimizer(1e-3)
-        params = jax.tree_util.tree_map(jnp.copy, variables["params"])
-        state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    batch_stats=jax.tree_util.tree_map(jnp.copy, variables["batch_stats"]),
-                                    opt_state=tx.init(params), ema_params=None,
-                                    schedule=make_schedule(size.timesteps, "linear"), apply_fn=model.apply, tx=tx)
+        state = jax_train_state(variables, size, dtype, conv_impl)
         key = jax.random.PRNGKey(seed)
         x0 = jax.random.normal(jax.random.fold_in(key, 10**6), (batch, size.image_size, size.image_size,
                                                                   size.channels), jnp.float32)
