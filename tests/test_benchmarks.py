@@ -136,3 +136,32 @@ def test_out_must_be_a_folder(tmp_path, capsys):
 def test_render_missing_file(tmp_path, capsys):
     assert bench_cli.main(["--render", str(tmp_path / "none.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_gemm_bound_shapes_match_torch_flop_counter(batch):
+    """benchmarks.gemm_bound's matrix-product shapes (from forward hooks and the im2col /
+    sub-pixel formulas) carry exactly the convolution FLOPs torch's FlopCounterMode counts for
+    a train step (forward, input and weight gradients; no input gradient for the first conv)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.gemm_bound import conv_gemm_shapes
+    from torch_ref.diffusion import DiffusionProcess
+    from torch_ref.training import loss_fn
+
+    size = cases.ModelSize("tiny", 8, 3, (4, 8, 8, 16), 10, "test")
+    shapes = conv_gemm_shapes(size, batch)
+    ours = sum(2 * m * k * n for _, m, k, n in shapes)
+
+    torch.manual_seed(0)
+    model = cases.torch_model(size, "cpu").train()
+    x0 = torch.zeros(batch, 3, 8, 8)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn(model, DiffusionProcess(10), x0, torch.zeros(batch, dtype=torch.long), torch.zeros_like(x0)).backward()
+    conv_ops = {k: v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k)}
+    assert conv_ops, counter.get_flop_counts()["Global"]
+    assert ours == sum(conv_ops.values())
+    labels = [s[0] for s in shapes]
+    assert sum(lbl.endswith(" dx") for lbl in labels) == sum(lbl.endswith(" dw") for lbl in labels) - 1
