@@ -270,6 +270,20 @@ def _lower_compile(fn, *args) -> tuple[Any, dict]:
     return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1}
 
 
+def _jax_runner(impl: str, compiled, info: dict, conv_impl: str, run: Callable[[], None],
+                memory_method: str) -> Runner:
+    """Adds XLA's cost and memory analysis of ``compiled`` to ``info``, makes (and times) the
+    first call of ``run``; returns its runner."""
+    from jax_ddpm.models.convolutions import resolve_conv_impl
+
+    info.update(xla=xla_cost(compiled), memory=dict(xla_memory(compiled), method=memory_method),
+                conv_impl=resolve_conv_impl(conv_impl), notes=[])
+    t0 = time.perf_counter()
+    run()
+    info["first_call_s"] = time.perf_counter() - t0
+    return Runner(impl, run, info)
+
+
 def jax_train_state(variables: dict, size: ModelSize, dtype: str, conv_impl: str):
     """A fresh ``TrainState`` (Adam(1e-3), no EMA, linear schedule) on copies of ``variables``,
     so that donating it leaves ``variables`` intact."""
@@ -297,7 +311,6 @@ def jax_train_runner(variables: dict, size: ModelSize, batch: int, dtype: str, c
         import jax.numpy as jnp
 
         from jax_ddpm import training
-        from jax_ddpm.models.convolutions import resolve_conv_impl
 
         state = jax_train_state(variables, size, dtype, conv_impl)
         key = jax.random.PRNGKey(seed)
@@ -305,19 +318,14 @@ def jax_train_runner(variables: dict, size: ModelSize, batch: int, dtype: str, c
                                                                   size.channels), jnp.float32)
         step = jax.jit(training.train_step, donate_argnums=0)
         compiled, info = _lower_compile(step, state, x0, key)
-        info.update(xla=xla_cost(compiled), memory=dict(xla_memory(compiled), method="XLA buffer plan "
-                    "(memory_analysis): temp = activations and scratch; arguments = state + batch"),
-                    conv_impl=resolve_conv_impl(conv_impl), notes=[])
         box = [state]
 
         def run():
             box[0], _ = compiled(box[0], x0, key)
             jax.block_until_ready(box[0])
 
-        t0 = time.perf_counter()
-        run()
-        info["first_call_s"] = time.perf_counter() - t0
-        return Runner(impl, run, info)
+        return _jax_runner(impl, compiled, info, conv_impl, run, "XLA buffer plan (memory_analysis): temp = "
+                           "activations and scratch; arguments = state + batch")
     except Exception as exc:  # noqa: BLE001
         return Runner(impl, error=_err(exc))
 
@@ -330,7 +338,6 @@ def jax_sample_runner(variables: dict, size: ModelSize, batch: int, timesteps: i
         import jax
         import jax.numpy as jnp
 
-        from jax_ddpm.models.convolutions import resolve_conv_impl
         from jax_ddpm.sampling import make_sample_fn
         from jax_ddpm.schedules import make_schedule
 
@@ -340,16 +347,11 @@ def jax_sample_runner(variables: dict, size: ModelSize, batch: int, timesteps: i
         key = jax.random.PRNGKey(seed)
         x_T = jax.random.normal(key, (batch, size.image_size, size.image_size, size.channels), jnp.float32)
         compiled, info = _lower_compile(sample, variables, schedule, x_T, key)
-        info.update(xla=xla_cost(compiled), memory=dict(xla_memory(compiled), method="XLA buffer plan "
-                    "(memory_analysis)"), conv_impl=resolve_conv_impl(conv_impl), notes=[])
 
         def run():
             compiled(variables, schedule, x_T, key).block_until_ready()
 
-        t0 = time.perf_counter()
-        run()
-        info["first_call_s"] = time.perf_counter() - t0
-        return Runner(impl, run, info)
+        return _jax_runner(impl, compiled, info, conv_impl, run, "XLA buffer plan (memory_analysis)")
     except Exception as exc:  # noqa: BLE001
         return Runner(impl, error=_err(exc))
 
