@@ -1,11 +1,12 @@
-"""Ablation of BatchNorm's closed-form backward: the JAX train step with and without it.
+"""Ablations of the JAX train step: each kept CPU-gap change undone, one at a time.
 
     python -m benchmarks.ablation [--size probe] [--batch 32] [--reps 8]
 
 Times, interleaved in one process on the same weights and batch: ``jax`` (the train step as
-jax_ddpm ships it: ``TorchBatchNorm`` through ``layers.batch_norm_train``, whose gradient is
-the closed-form ``custom_vjp``), ``jax/bn-autodiff`` (the same step, with the same forward
-differentiated by JAX's autodiff instead) and ``torch`` (torch_ref eager). Prints one
+jax_ddpm ships it), ``jax/bn-autodiff`` (the same step with BatchNorm's forward differentiated
+by JAX's autodiff instead of ``layers.batch_norm_train``'s closed-form ``custom_vjp``),
+``jax/strided-s2d`` (the same step with every 4x4 stride-2 convolution in the space-to-depth
+form, as before ``convolutions._strided_4x4``) and ``torch`` (torch_ref eager). Prints one
 Markdown table (median ms, speed ratios with the quartiles of the per-round ratios);
 nothing is written to disk. XLA_FLAGS is used as the caller set it (the benchmark's
 default is ``benchmarks.__main__.CPU_XLA_FLAGS``).
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
         p.error("--batch and --reps must be positive")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from jax_ddpm.models import layers
+    from jax_ddpm.models import convolutions, layers
 
     from . import cases
     from .measure import paired_ratio, time_interleaved
@@ -41,14 +42,16 @@ def main(argv=None) -> int:
     size = cases.SIZES[args.size]
     base = cases.torch_model(size, "cpu")
     variables = cases.jax_variables(base)
-    runners = {}
-    shipped = layers.batch_norm_train
-    try:  # the step is traced and compiled inside jax_train_runner, so the swap only affects it
-        layers.batch_norm_train = autodiff_batch_norm
-        runners["jax/bn-autodiff"] = cases.jax_train_runner(variables, size, args.batch, "float32", "auto")
-    finally:
-        layers.batch_norm_train = shipped
-    runners["jax"] = cases.jax_train_runner(variables, size, args.batch, "float32", "auto")
+    runners = {"jax": cases.jax_train_runner(variables, size, args.batch, "float32", "auto")}
+    # The step is traced and compiled inside jax_train_runner, so each swap only affects its row.
+    for name, module, attr, value in (("jax/bn-autodiff", layers, "batch_norm_train", autodiff_batch_norm),
+                                      ("jax/strided-s2d", convolutions, "STRIDED_NATIVE_MIN", 10 ** 9)):
+        shipped = getattr(module, attr)
+        try:
+            setattr(module, attr, value)
+            runners[name] = cases.jax_train_runner(variables, size, args.batch, "float32", "auto")
+        finally:
+            setattr(module, attr, shipped)
     runners["torch"] = cases.torch_train_runner(base, size, args.batch, "cpu", "float32", compiled=False)
     for name, r in runners.items():
         if r.error:
@@ -57,20 +60,21 @@ def main(argv=None) -> int:
         r.run()  # warm-up (the JAX runners are compiled and called once already)
     times = time_interleaved({k: r.run for k, r in runners.items()}, args.reps)
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    print(f"# BatchNorm backward ablation: {size.name} ({size.image_size}x{size.image_size}x{size.channels}, "
+    print(f"# Train step ablations: {size.name} ({size.image_size}x{size.image_size}x{size.channels}, "
           f"features {','.join(map(str, size.features))}), batch {args.batch}, fp32, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, median of {args.reps}, load {os.getloadavg()[0]:.1f}\n")
-    print("| train step | median ms | vs jax/bn-autodiff | vs torch eager |")
-    print("|---|---:|---:|---:|")
+    refs = [name for name in runners if name != "jax"]
+    print("| train step | median ms | " + " | ".join(f"vs {ref}" for ref in refs) + " |")
+    print("|---|---:|" + "---:|" * len(refs))
     for name in runners:
         cells = []
-        for ref in ("jax/bn-autodiff", "torch"):
+        for ref in refs:
             if ref == name:
                 cells.append("")
                 continue
             r = paired_ratio(times[ref], times[name])  # reference time / row time: a speed ratio
             cells.append(f"{med[ref] / med[name]:.2f}x [{r['q25']:.2f}-{r['q75']:.2f}]")
-        print(f"| {name} | {med[name]:.1f} | {cells[0]} | {cells[1]} |")
+        print(f"| {name} | {med[name]:.1f} | " + " | ".join(cells) + " |")
     print("\nRatios are speed ratios (median time of the reference / median time of the row; > 1: the "
           "row is faster), [quartiles of the per-round ratios].")
     return 0

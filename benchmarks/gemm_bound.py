@@ -29,8 +29,9 @@ import time
 import numpy as np
 
 
-def conv_gemm_shapes(size, batch: int) -> list[tuple[str, int, int, int]]:
-    """``(label, m, k, n)`` of every GEMM one train step's convolutions amount to."""
+def conv_records(size, batch: int) -> list:
+    """``(module, input shape, output shape)`` of every convolution of torch_ref's U-Net at
+    ``size`` and ``batch``, in call order (forward hooks; NCHW shapes)."""
     import torch
 
     from . import cases
@@ -48,8 +49,15 @@ def conv_gemm_shapes(size, batch: int) -> list[tuple[str, int, int, int]]:
         model(x, torch.zeros(batch, dtype=torch.long))
     for h in handles:
         h.remove()
+    return records
+
+
+def conv_gemm_shapes(size, batch: int) -> list[tuple[str, int, int, int]]:
+    """``(label, m, k, n)`` of every GEMM one train step's convolutions amount to."""
+    import torch
+
     shapes = []
-    for i, (mod, (b, cin, hi, wi), (_, cout, ho, wo)) in enumerate(records):
+    for i, (mod, (b, cin, hi, wi), (_, cout, ho, wo)) in enumerate(conv_records(size, batch)):
         kh, kw = mod.kernel_size
         if isinstance(mod, torch.nn.ConvTranspose2d):  # four 2x2 phases, each over the input grid
             m, k, reps = b * hi * wi, 4 * cin, 4

@@ -165,3 +165,42 @@ def test_gemm_bound_shapes_match_torch_flop_counter(batch):
     assert ours == sum(conv_ops.values())
     labels = [s[0] for s in shapes]
     assert sum(lbl.endswith(" dx") for lbl in labels) == sum(lbl.endswith(" dw") for lbl in labels) - 1
+
+
+def test_conv_layers_times_the_same_math_in_jax_and_torch():
+    """benchmarks.conv_layers times, per recorded convolution, JAX (jax_ddpm's formulation and
+    XLA's own) and torch on the same data: their outputs and gradients must agree, or the
+    table would compare different work. Covers the 3x3, the strided 4x4 and the transposed
+    convolutions, and the first one (no input gradient)."""
+    import numpy as np
+    import torch
+
+    from benchmarks.conv_layers import IMPLS, layer_fns
+    from benchmarks.gemm_bound import conv_records
+
+    size = cases.ModelSize("tiny", 8, 3, (4, 8, 8, 16), 10, "test")
+    records = conv_records(size, 2)
+    kinds = {(type(m).__name__, m.kernel_size[0], m.stride[0]) for m, _, _ in records}
+    assert kinds == {("Conv2d", 3, 1), ("Conv2d", 4, 2), ("ConvTranspose2d", 4, 2)}
+    worst = 0.0
+    for i, (mod, in_shape, out_shape) in enumerate(records):
+        fns = layer_fns(mod, in_shape, out_shape, grad_input=i > 0, seed=i)
+        assert set(fns) == set(IMPLS)
+        ty, tgrads = fns["torch"]()
+        ref = [ty.detach().numpy().transpose(0, 2, 3, 1)]
+        if i > 0:
+            ref.append(tgrads[0].numpy().transpose(0, 2, 3, 1))
+        tw = tgrads[-1].numpy()
+        if isinstance(mod, torch.nn.ConvTranspose2d):   # [Cin, Cout, k, k] -> flipped HWIO
+            ref.append(tw[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
+        else:                                            # [Cout, Cin, k, k] -> HWIO
+            ref.append(tw.transpose(2, 3, 1, 0))
+        for impl in ("jax", "jax/xla"):
+            y, grads = fns[impl]()
+            got = [np.asarray(y)] + [np.asarray(g) for g in grads]
+            assert [g.shape for g in got] == [r.shape for r in ref], (i, impl)
+            for g, r in zip(got, ref):
+                err = float(np.max(np.abs(g - r)) / np.max(np.abs(r)))
+                worst = max(worst, err)
+                assert err < 1e-5, (i, impl, err)
+    assert worst > 0.0  # float32 sums in different orders: not bit-identical, so compared at all

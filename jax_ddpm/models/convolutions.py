@@ -30,6 +30,16 @@ product once, as stride-1 convolutions and matrix products:
   interleaved (depth-to-space). The zeros of the dilated input are never multiplied.
 * ``stride 1`` on a feature map no larger than the kernel: ``im2col`` (the kernel-size shifted
   copies concatenated along channels) and one matrix product.
+* with ``custom_gradients=True`` (the U-Net passes it in training mode only), ``stride 2,
+  k = 4, padding 1`` (the down-Blocks' convolution) on maps of at least ``STRIDED_NATIVE_MIN``
+  pixels a side: a ``jax.custom_vjp`` that takes the fastest formulation of each part, measured
+  part by part on XLA:CPU (benchmarks/README.md, "CPU gap"): XLA's own strided convolution for
+  the forward pass and for the weight gradient, and for the input gradient (a transposed
+  convolution of the output gradient) the sub-pixel phases above, with the kernel flipped and
+  its channel axes swapped. Smaller maps take the space-to-depth path, where XLA's strided
+  convolution is slow. Forward-mode differentiation (``jax.jvp``) is not available through a
+  ``custom_vjp``; in training mode BatchNorm's ``custom_vjp`` already rules it out, and in
+  evaluation mode the U-Net keeps the space-to-depth form, through which ``jax.jvp`` works.
 
 Summation order differs from XLA's own convolution, so results agree to float rounding
 (parity_tests hold; tests/test_jax_models.py compares the two formulations), not bit for bit.
@@ -38,6 +48,7 @@ Anything else (other strides, dilations, layouts, grouped convolutions) goes to
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import jax
@@ -46,6 +57,7 @@ from jax import lax
 
 CONV_IMPLS = ("auto", "xla", "decomposed")
 _NHWC = ("NHWC", "HWIO", "NHWC")
+STRIDED_NATIVE_MIN = 8  # smallest map side for the custom-gradient 4x4 stride-2 convolution
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
@@ -108,14 +120,40 @@ def _transposed_as_subpixel(x: jnp.ndarray, kernel: jnp.ndarray, precision: Any)
     return y.reshape(b, 2 * h, 2 * w, o)
 
 
+def _strided_4x4(x: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jnp.ndarray:
+    """``conv(x, K, stride 2, padding 1)`` for a 4x4 K: XLA's strided convolution forward and
+    weight gradient; input gradient = ``ConvTranspose2d(k=4, s=2, p=1)`` of the output gradient,
+    as :func:`_transposed_as_subpixel` with ``K`` flipped and its in/out channels swapped."""
+    conv = partial(lax.conv_general_dilated, window_strides=(2, 2), padding=((1, 1), (1, 1)),
+                   dimension_numbers=_NHWC, precision=precision)
+
+    @jax.custom_vjp
+    def strided(x, kernel):
+        return conv(x, kernel)
+
+    def fwd(x, kernel):
+        return conv(x, kernel), (x, kernel)
+
+    def bwd(res, dy):
+        x, kernel = res
+        dkernel = jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
+        dx = _transposed_as_subpixel(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), precision)
+        return dx, dkernel
+
+    strided.defvjp(fwd, bwd)
+    return strided(x, kernel)
+
+
 def decomposed_conv(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[int], padding: Any,
                     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                     dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
-                    **kwargs) -> jnp.ndarray:
+                    custom_gradients: bool = False, **kwargs) -> jnp.ndarray:
     """``lax.conv_general_dilated`` with the cases above rewritten as stride-1 convolutions.
 
-    Same signature as ``lax.conv_general_dilated`` (as flax's ``nn.Conv`` calls it); cases it
-    does not rewrite are passed through unchanged.
+    Same signature as ``lax.conv_general_dilated`` (as flax's ``nn.Conv`` calls it), plus
+    ``custom_gradients``: allow the ``custom_vjp`` formulation of the 4x4 stride-2 convolution
+    (faster gradients on XLA:CPU, no ``jax.jvp``). Cases it does not rewrite are passed through
+    unchanged.
     """
     def passthrough():
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -134,6 +172,10 @@ def decomposed_conv(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence
     _, h, w, _ = lhs.shape
     if strides == (1, 1) and dilation == (1, 1):
         return _conv_s1(lhs, rhs, padding, precision)
+    if (custom_gradients and strides == (2, 2) and dilation == (1, 1) and (kh, kw) == (4, 4)
+            and padding == ((1, 1), (1, 1))
+            and h % 2 == 0 and w % 2 == 0 and min(h, w) >= STRIDED_NATIVE_MIN):
+        return _strided_4x4(lhs, rhs, precision)
     if (strides == (2, 2) and dilation == (1, 1) and kh % 2 == 0 and kw % 2 == 0
             and (h + sum(padding[0])) % 2 == 0 and (w + sum(padding[1])) % 2 == 0):
         return _strided_as_space_to_depth(lhs, rhs, padding, precision)

@@ -29,18 +29,22 @@ torch_bias_init = torch_kernel_init  # torch draws the bias from the same interv
 
 
 def conv(features: int, kernel: int, fan_in: int, *, stride: int = 1, padding: int = 1, input_dilation: int = 1,
-         dtype: Any = jnp.float32, conv_impl: str = "xla", name: str) -> nn.Conv:
+         dtype: Any = jnp.float32, conv_impl: str = "xla", custom_gradients: bool = False, name: str) -> nn.Conv:
     """An NHWC conv with torch's symmetric padding and default initialisation.
 
     ``conv_impl``: ``'xla'`` (``lax.conv_general_dilated`` as is), ``'decomposed'`` (the same
     sums as stride-1 convolutions, :mod:`jax_ddpm.models.convolutions`) or ``'auto'``
-    (decomposed on CPU). The parameters are the same either way.
+    (decomposed on CPU). ``custom_gradients`` (decomposed only): allow formulations with a
+    ``custom_vjp`` (faster gradients, no ``jax.jvp``). The parameters are the same either way.
     """
     impl = resolve_conv_impl(conv_impl)
+    conv_fn = None
+    if impl == "decomposed":
+        conv_fn = partial(decomposed_conv, custom_gradients=True) if custom_gradients else decomposed_conv
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding),) * 2,
                    input_dilation=(input_dilation, input_dilation), dtype=dtype, param_dtype=jnp.float32,
                    kernel_init=torch_kernel_init(fan_in), bias_init=torch_bias_init(fan_in), name=name,
-                   conv_general_dilated=decomposed_conv if impl == "decomposed" else None)
+                   conv_general_dilated=conv_fn)
 
 
 class TorchBatchNorm(nn.Module):

@@ -61,8 +61,9 @@ class Block(nn.Module):
             transform = conv(self.out_ch, 4, self.out_ch * 16, padding=2, input_dilation=2,
                              dtype=self.dtype, conv_impl=self.conv_impl, name="transform")
         else:
+            # custom_gradients in training only: BatchNorm's custom_vjp already rules out jax.jvp there
             transform = conv(self.out_ch, 4, self.out_ch * 16, stride=2, padding=1, dtype=self.dtype,
-                             conv_impl=self.conv_impl, name="transform")
+                             conv_impl=self.conv_impl, custom_gradients=train, name="transform")
         return transform(h)
 
 
