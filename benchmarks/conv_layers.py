@@ -109,7 +109,7 @@ def main(argv=None) -> int:
 
     from . import cases
     from .gemm_bound import conv_records
-    from .measure import time_interleaved
+    from .measure import provenance, time_interleaved
 
     size = cases.SIZES[args.size]
     rows = []
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     print(f"# Convolutions alone vs the train step: {size.name} ({size.image_size}x{size.image_size}x"
           f"{size.channels}, features {','.join(map(str, size.features))}), batch {args.batch}, fp32, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, median of {args.reps}, load {os.getloadavg()[0]:.1f}\n")
+    print(f"{provenance()}\n")
     print("| convolution (fwd + grads) | jax ms | jax/xla ms | torch ms | torch / jax |")
     print("|---|---:|---:|---:|---:|")
     total = dict.fromkeys(IMPLS, 0.0)

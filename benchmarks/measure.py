@@ -262,6 +262,12 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def provenance() -> str:
+    """One line for the header of the helper scripts' tables: commit, versions, CPU."""
+    versions = ", ".join(f"{name} {_version(name)}" for name in ("jax", "jaxlib", "torch"))
+    return f"commit {_git_commit()}; {versions}; {_cpu_model()}, {os.cpu_count()} cores"
+
+
 def environment(device: str) -> dict:
     """Date, machine, versions and the environment variables that change timings."""
     import jax
