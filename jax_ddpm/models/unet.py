@@ -74,8 +74,10 @@ class UNet(nn.Module):
     dtype; parameters and BatchNorm statistics are float32. ``conv_impl`` chooses how the
     convolutions are written, not what they compute: ``'xla'`` (XLA's convolutions as
     they are), ``'decomposed'`` (strided and transposed convolutions as stride-1 ones,
-    :mod:`jax_ddpm.models.convolutions`; ~2x faster train steps on XLA:CPU) or ``'auto'``
-    (decomposed on the CPU backend, xla elsewhere). Parameters are identical for all three.
+    :mod:`jax_ddpm.models.convolutions`; ~2x faster train steps on XLA:CPU; in training mode
+    the strided ones take a ``custom_vjp``, so ``jax.jvp`` works in evaluation mode only, as
+    with BatchNorm) or ``'auto'`` (decomposed on the CPU backend, xla elsewhere). Parameters
+    are identical for all three.
     """
 
     img_channels: int
