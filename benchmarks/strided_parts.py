@@ -6,11 +6,12 @@ gradient and weight gradient timed alone, JAX against torch.
 At five of the U-Nets' shapes (batch, map side, channels), fp32, interleaved in one process
 (median ms): ``s2d`` (space-to-depth, ``decomposed_conv`` without custom gradients), ``xla``
 (``lax.conv_general_dilated`` with stride 2), ``sub-pixel`` (the input gradient as the
-transposed convolution of the output gradient in sub-pixel phases, as
-``convolutions._strided_4x4`` computes it) and ``torch`` (``F.conv2d`` and
-``aten.convolution_backward``). Before timing, every JAX input gradient is checked against
-XLA's (relative error printed). This is the measurement behind ``_strided_4x4``'s choice of
-formulation per part. Prints one Markdown table; writes nothing.
+transposed convolution of the output gradient in sub-pixel phases:
+``convolutions._strided_4x4_input_grad``, as the training-mode U-Net computes it) and
+``torch`` (``F.conv2d`` and ``aten.convolution_backward``). Before timing, the space-to-depth
+and sub-pixel input gradients are checked against XLA's (worst relative error printed). This
+is the measurement behind ``_strided_4x4``'s choice of formulation per part. Prints one
+Markdown table; writes nothing.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     import torch
     from jax import lax
 
-    from jax_ddpm.models.convolutions import _transposed_as_subpixel, decomposed_conv
+    from jax_ddpm.models.convolutions import _strided_4x4_input_grad, decomposed_conv
 
     from .measure import provenance, time_interleaved
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
             fns[f"{name} fwd"] = lambda f=fwd: f(jx, jw).block_until_ready()
             fns[f"{name} dx"] = lambda f=dx: f(jx, jw).block_until_ready()
             fns[f"{name} dw"] = lambda f=dw: f(jx, jw).block_until_ready()
-        sub = jax.jit(lambda w, dy: _transposed_as_subpixel(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), None))
+        sub = jax.jit(lambda w, dy: _strided_4x4_input_grad(dy, w, None))
         outs["sub-pixel"] = sub(jw, jdy)
         fns["sub-pixel dx"] = lambda: sub(jw, jdy).block_until_ready()
         tx, tw, tdy = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)

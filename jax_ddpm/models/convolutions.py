@@ -120,10 +120,15 @@ def _transposed_as_subpixel(x: jnp.ndarray, kernel: jnp.ndarray, precision: Any)
     return y.reshape(b, 2 * h, 2 * w, o)
 
 
+def _strided_4x4_input_grad(dy: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jnp.ndarray:
+    """The input gradient of ``conv(x, K, stride 2, padding 1)``, 4x4 K: ``ConvTranspose2d(k=4,
+    s=2, p=1)`` of ``dy``, i.e. :func:`_transposed_as_subpixel` with K flipped and in/out swapped."""
+    return _transposed_as_subpixel(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), precision)
+
+
 def _strided_4x4(x: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jnp.ndarray:
     """``conv(x, K, stride 2, padding 1)`` for a 4x4 K: XLA's strided convolution forward and
-    weight gradient; input gradient = ``ConvTranspose2d(k=4, s=2, p=1)`` of the output gradient,
-    as :func:`_transposed_as_subpixel` with ``K`` flipped and its in/out channels swapped."""
+    weight gradient; input gradient :func:`_strided_4x4_input_grad` (sub-pixel phases)."""
     conv = partial(lax.conv_general_dilated, window_strides=(2, 2), padding=((1, 1), (1, 1)),
                    dimension_numbers=_NHWC, precision=precision)
 
@@ -137,8 +142,7 @@ def _strided_4x4(x: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jnp.nda
     def bwd(res, dy):
         x, kernel = res
         dkernel = jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
-        dx = _transposed_as_subpixel(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), precision)
-        return dx, dkernel
+        return _strided_4x4_input_grad(dy, kernel, precision), dkernel
 
     strided.defvjp(fwd, bwd)
     return strided(x, kernel)
