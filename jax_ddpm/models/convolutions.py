@@ -42,7 +42,7 @@ product once, as stride-1 convolutions and matrix products:
   evaluation mode the U-Net keeps the space-to-depth form, through which ``jax.jvp`` works.
 
 Summation order differs from XLA's own convolution, so results agree to float rounding
-(parity_tests hold; tests/test_jax_models.py compares the two formulations), not bit for bit.
+(parity_tests hold; tests/test_jax_convolutions.py compares the formulations), not bit for bit.
 Anything else (other strides, dilations, layouts, grouped convolutions) goes to
 ``lax.conv_general_dilated`` unchanged.
 """
