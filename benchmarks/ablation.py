@@ -13,27 +13,21 @@ default is ``benchmarks.__main__.CPU_XLA_FLAGS``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
+from .measure import helper_parser, paired_ratio, parse_helper_args, time_interleaved
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="probe", choices=("digits", "chapter", "probe"))
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--reps", type=int, default=8)
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.reps < 1:
-        p.error("--batch and --reps must be positive")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = helper_parser("ablation", __doc__, size="probe", batch=32, reps=8)
+    args = parse_helper_args(p, argv, ("batch", "reps"))
 
     from jax_ddpm.models import convolutions, layers
 
     from . import cases
-    from .measure import paired_ratio, time_interleaved
 
     def autodiff_batch_norm(x, scale, bias, epsilon):
         mean, var, rstd = layers._batch_norm_stats(x, epsilon)

@@ -18,23 +18,18 @@ Prints one Markdown table; nothing is written to disk.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
+from .measure import helper_parser, parse_helper_args, time_interleaved
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="probe", choices=("digits", "chapter", "probe"))
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--reps", type=int, default=5)
+    p = helper_parser("breakdown", __doc__, size="probe", batch=32, reps=5)
     p.add_argument("--jax-conv-impl", default="auto", choices=("auto", "xla", "decomposed"))
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.reps < 1:
-        p.error("--batch and --reps must be positive")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = parse_helper_args(p, argv, ("batch", "reps"))
 
     import jax
     import jax.numpy as jnp
@@ -47,7 +42,6 @@ def main(argv=None) -> int:
     from torch_ref.training import make_optimizer, train_step
 
     from . import cases
-    from .measure import time_interleaved
 
     size = cases.SIZES[args.size]
     b = args.batch

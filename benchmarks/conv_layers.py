@@ -24,12 +24,13 @@ caller set it (the benchmark's default is ``benchmarks.__main__.CPU_XLA_FLAGS``)
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from functools import partial
 
 import numpy as np
+
+from .measure import helper_parser, parse_helper_args, provenance, time_interleaved
 
 IMPLS = ("jax", "jax/xla", "torch")
 
@@ -96,20 +97,13 @@ def layer_fns(mod, in_shape, out_shape, grad_input: bool, seed: int = 0) -> dict
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.conv_layers", description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="probe", choices=("digits", "chapter", "probe"))
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.reps < 1:
-        p.error("--batch and --reps must be positive")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = helper_parser("conv_layers", __doc__, size="probe", batch=32, reps=5)
+    args = parse_helper_args(p, argv, ("batch", "reps"))
 
     import torch
 
     from . import cases
     from .gemm_bound import conv_records
-    from .measure import provenance, time_interleaved
 
     size = cases.SIZES[args.size]
     rows = []

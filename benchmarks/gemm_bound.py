@@ -21,12 +21,11 @@ implementation that lowers convolutions to GEMMs. Prints a Markdown table; write
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-import numpy as np
+from .measure import helper_parser, parse_helper_args
 
 
 def conv_records(size, batch: int) -> list:
@@ -83,15 +82,9 @@ def _best_seconds(fn, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gemm_bound", description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="digits", choices=("digits", "chapter", "probe"))
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--reps", type=int, default=5)
+    p = helper_parser("gemm_bound", __doc__, size="digits", batch=64, reps=5)
     p.add_argument("--peak-n", type=int, default=2048)
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.reps < 1 or args.peak_n < 1:
-        p.error("--batch, --reps and --peak-n must be positive")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = parse_helper_args(p, argv, ("batch", "reps", "peak_n"))
 
     import jax
     import jax.numpy as jnp

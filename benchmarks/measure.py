@@ -6,6 +6,7 @@ before torch or JAX starts.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import importlib.metadata
@@ -21,6 +22,33 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- helper scripts
+
+def helper_parser(module: str, doc: str, *, size: str | None = None, batch: int | None = None,
+                  reps: int = 5) -> argparse.ArgumentParser:
+    """The command line the helper scripts (``python -m benchmarks.<module>``) share:
+    ``--size`` and ``--batch`` (when given defaults) and ``--reps``."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc.splitlines()[0])
+    if size is not None:
+        p.add_argument("--size", default=size, choices=("digits", "chapter", "probe"))
+    if batch is not None:
+        p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--reps", type=int, default=reps)
+    return p
+
+
+def parse_helper_args(p: argparse.ArgumentParser, argv, positive: Sequence[str]) -> argparse.Namespace:
+    """Parses, insists that the options named in ``positive`` are > 0 (a usage error, exit 2,
+    otherwise), and sets ``OMP_WAIT_POLICY=PASSIVE`` unless set, before torch starts."""
+    args = p.parse_args(argv)
+    if any(getattr(args, name) < 1 for name in positive):
+        flags = [f"--{name.replace('_', '-')}" for name in positive]
+        listed = flags[0] if len(flags) == 1 else ", ".join(flags[:-1]) + " and " + flags[-1]
+        p.error(f"{listed} must be positive")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return args
 
 
 # ----------------------------------------------------------------------------- timing

@@ -15,22 +15,19 @@ Markdown table; writes nothing.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
+from .measure import helper_parser, parse_helper_args, provenance, time_interleaved
+
 SHAPES = ((32, 32, 128), (8, 64, 128), (32, 16, 256), (32, 8, 512), (8, 16, 512))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.strided_parts", description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=7)
-    args = p.parse_args(argv)
-    if args.reps < 1:
-        p.error("--reps must be positive")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = helper_parser("strided_parts", __doc__, reps=7)
+    args = parse_helper_args(p, argv, ("reps",))
 
     import jax
     import jax.numpy as jnp
@@ -39,7 +36,6 @@ def main(argv=None) -> int:
 
     from jax_ddpm.models.convolutions import _strided_4x4_input_grad, decomposed_conv
 
-    from .measure import provenance, time_interleaved
 
     conv_args = dict(window_strides=(2, 2), padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     print(f"# 4x4 stride-2 convolution, part by part (fp32, median ms of {args.reps}, "

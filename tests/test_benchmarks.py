@@ -204,3 +204,24 @@ def test_conv_layers_times_the_same_math_in_jax_and_torch():
                 worst = max(worst, err)
                 assert err < 1e-5, (i, impl, err)
     assert worst > 0.0  # float32 sums in different orders: not bit-identical, so compared at all
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("ablation", ["--batch", "0"], "--batch and --reps must be positive"),
+    ("breakdown", ["--reps", "0"], "--batch and --reps must be positive"),
+    ("conv_layers", ["--batch", "-1"], "--batch and --reps must be positive"),
+    ("gemm_bound", ["--peak-n", "0"], "--batch, --reps and --peak-n must be positive"),
+    ("strided_parts", ["--reps", "0"], "--reps must be positive"),
+    ("conv_layers", ["--size", "huge"], "argument --size: invalid choice: 'huge'"),
+])
+def test_helper_scripts_reject_bad_options(module, argv, message, capsys):
+    """The helper scripts share one command line (measure.helper_parser / parse_helper_args):
+    bad values stop them with a usage error (exit 2) naming the option, before any work."""
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"python -m benchmarks.{module}: error: {message}" in err
