@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from jax_ddpm import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -33,7 +34,7 @@ DTYPES = ("float32", "bfloat16")
 CONV_IMPLS = ("auto", "xla", "decomposed")
 # XLA:CPU (jaxlib 0.10) sends convolutions to YNNPACK by default, whose weight-gradient
 # convolutions ran ~5x slower than Eigen's here (benchmarks/README.md, "CPU gap").
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+CPU_XLA_FLAGS = xla_flags.CPU_XLA_FLAGS
 
 
 class UsageError(Exception):
@@ -103,24 +104,6 @@ def _per_size(opt: str, text: str | None, sizes: Sequence[str]) -> tuple[int, ..
     return values
 
 
-def _check_xla_flags(flags: str) -> None:
-    """Starts JAX once in a subprocess with the flags: an unknown XLA flag aborts the process."""
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-    try:
-        out = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; jnp.ones(2).block_until_ready()"],
-                             env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        raise UsageError(f"--xla-flags {flags!r}: JAX did not start within 120 s with them") from None
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise UsageError(f"--xla-flags {flags!r}: this jaxlib rejects them: {last[:200]}")
-
-
-def _jax_backend_started() -> bool:
-    mod = sys.modules.get("jax._src.xla_bridge")
-    return bool(getattr(mod, "_backends", None))
-
-
 def _setup_environment(args, device_hint: str) -> None:
     """Environment variables that must be set before torch / JAX start."""
     policy = args.omp_wait_policy.lower()
@@ -132,25 +115,15 @@ def _setup_environment(args, device_hint: str) -> None:
         os.environ["OMP_WAIT_POLICY"] = policy.upper()
     if device_hint != "cpu":
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    elif not _jax_backend_started():
+    elif not xla_flags.jax_started():
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # --device cpu on a GPU machine: JAX on the CPU too
-    flags = args.xla_flags.strip()
-    if flags == "auto":
-        flags = ""
-        if device_hint != "cuda" and CPU_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-            try:
-                _check_xla_flags(CPU_XLA_FLAGS)
-                flags = CPU_XLA_FLAGS
-            except UsageError as exc:
-                print(f"note: not using {CPU_XLA_FLAGS}: {exc}", file=sys.stderr)
-    elif flags == "none":
-        flags = ""
-    elif flags:
-        _check_xla_flags(flags)
-    if flags:
-        if _jax_backend_started():
-            raise UsageError("--xla-flags: JAX has already started in this process; run python -m benchmarks")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    try:
+        flags, note = xla_flags.resolve(args.xla_flags, cpu=device_hint != "cuda")
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        xla_flags.apply(flags)
+    except xla_flags.XlaFlagsError as exc:
+        raise UsageError(f"--xla-flags: {exc}") from None
 
 
 def _resolve_device(requested: str) -> str:

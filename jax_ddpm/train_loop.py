@@ -402,7 +402,9 @@ def train(config: TrainConfig, stream: TextIO | None = None) -> int:
 
     os.makedirs(config.workdir, exist_ok=True)
     if primary:
-        write_json(files.config, dict(to_dict(config), version=1, parallel=devices.sizes))
+        # the XLA_FLAGS this session ran with (jax-ddpm --xla-flags): a record, not part of the identity
+        write_json(files.config, dict(to_dict(config), version=1, parallel=devices.sizes,
+                                      xla_flags=os.environ.get("XLA_FLAGS", "")))
         history = trim_metrics(files.metrics, start)
     else:
         history = []
