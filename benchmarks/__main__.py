@@ -13,7 +13,9 @@ Environment set here, before torch and JAX start (recorded in the JSON):
 spinning policy, torch's two OpenMP threads ran 5-10x slower whenever the shared 2-core
 machine had other work, which measures the neighbours, not torch; ``XLA_PYTHON_CLIENT_PREALLOCATE=false``
 on CUDA, so that JAX and torch share the GPU; ``--xla-flags`` appended to ``XLA_FLAGS``
-(default on CPU: ``CPU_XLA_FLAGS`` below, if this jaxlib knows the flag).
+(default on CPU: ``jax_ddpm.xla_flags.CPU_XLA_FLAGS``, if this jaxlib knows the flag: XLA:CPU
+(jaxlib 0.10) sends convolutions to YNNPACK by default, whose weight-gradient convolutions ran
+~5x slower than Eigen's here; benchmarks/README.md, "CPU gap").
 """
 from __future__ import annotations
 
@@ -32,9 +34,6 @@ SIZE_NAMES = ("digits", "chapter", "probe")
 TASKS = ("train", "sample")
 DTYPES = ("float32", "bfloat16")
 CONV_IMPLS = ("auto", "xla", "decomposed")
-# XLA:CPU (jaxlib 0.10) sends convolutions to YNNPACK by default, whose weight-gradient
-# convolutions ran ~5x slower than Eigen's here (benchmarks/README.md, "CPU gap").
-CPU_XLA_FLAGS = xla_flags.CPU_XLA_FLAGS
 
 
 class UsageError(Exception):
@@ -65,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-timesteps", type=str, help="T of the sampling chains (default: the size's T; quick 10)")
     p.add_argument("--xla-flags", default="auto",
                    help="appended to XLA_FLAGS (checked in a subprocess first); 'auto': on CPU, "
-                        f"{CPU_XLA_FLAGS} where this jaxlib accepts it; 'none': nothing")
+                        f"{xla_flags.CPU_XLA_FLAGS} where this jaxlib accepts it; 'none': nothing")
     p.add_argument("--omp-wait-policy", default="passive", help="passive, active or unset (CPU torch threads)")
     p.add_argument("--no-memory-probe", action="store_true", help="skip torch's fresh-process RSS probe on CPU")
     p.add_argument("--tag", default="", help="appended to the file names")
@@ -118,12 +117,11 @@ def _setup_environment(args, device_hint: str) -> None:
     elif not xla_flags.jax_started():
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # --device cpu on a GPU machine: JAX on the CPU too
     try:
-        flags, note = xla_flags.resolve(args.xla_flags, cpu=device_hint != "cuda")
-        if note:
-            print(f"note: {note}", file=sys.stderr)
-        xla_flags.apply(flags)
+        note = xla_flags.setup(args.xla_flags, cpu=device_hint != "cuda")
     except xla_flags.XlaFlagsError as exc:
         raise UsageError(f"--xla-flags: {exc}") from None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _resolve_device(requested: str) -> str:

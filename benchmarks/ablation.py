@@ -9,7 +9,7 @@ by JAX's autodiff instead of ``layers.batch_norm_train``'s closed-form ``custom_
 form, as before ``convolutions._strided_4x4``) and ``torch`` (torch_ref eager). Prints one
 Markdown table (median ms, speed ratios with the quartiles of the per-round ratios);
 nothing is written to disk. XLA_FLAGS is used as the caller set it (the benchmark's
-default is ``benchmarks.__main__.CPU_XLA_FLAGS``).
+default is ``jax_ddpm.xla_flags.CPU_XLA_FLAGS``).
 """
 from __future__ import annotations
 

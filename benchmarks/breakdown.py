@@ -13,7 +13,7 @@ Times, interleaved in one process on the same weights and batch (train mode, fix
 
 backward = (forward+backward) - forward and optimizer = step - (forward+backward) are
 differences of medians, printed as such. XLA_FLAGS is used as the caller set it (compare
-``XLA_FLAGS=`` with the benchmark's default, ``benchmarks.__main__.CPU_XLA_FLAGS``).
+``XLA_FLAGS=`` with the benchmark's default, ``jax_ddpm.xla_flags.CPU_XLA_FLAGS``).
 Prints one Markdown table; nothing is written to disk.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ convolution rows against its step shows how much of the step is convolution work
 much is the rest (BatchNorm, activations, concatenations, loss, optimizer, the layout copies
 XLA inserts around its convolutions, and the ops' interference): step minus sum, a
 difference of medians. Prints one Markdown table; writes nothing. XLA_FLAGS is used as the
-caller set it (the benchmark's default is ``benchmarks.__main__.CPU_XLA_FLAGS``).
+caller set it (the benchmark's default is ``jax_ddpm.xla_flags.CPU_XLA_FLAGS``).
 """
 from __future__ import annotations
 

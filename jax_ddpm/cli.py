@@ -53,11 +53,13 @@ BN_HELP = ("BatchNorm statistics while sampling: 'batch' normalises with the sta
 
 
 XLA_FLAGS_HELP = ("XLA flags added to XLA_FLAGS before JAX starts. 'auto': "
-                  "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution (XLA:CPU's own convolutions "
-                  "instead of YNNPACK's: on the 2-core development CPU, training ran 1.27x faster with it for the default "
-                  "model and 1.57x for the chapter's U-Net at 32x32; benchmarks/README.md) when this jaxlib accepts it, checked by starting JAX once in a "
-                  "subprocess (about 2 s), and unless XLA_FLAGS already sets that option; 'none': XLA_FLAGS as it "
-                  "is; anything else: added as given, after the same check (write --xla-flags=--xla_...)")
+                  "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution (XLA:CPU's own "
+                  "convolutions instead of YNNPACK's: on the 2-core development CPU, training ran 1.27x "
+                  "faster with it for the default model and 1.57x for the chapter's U-Net at 32x32; "
+                  "benchmarks/README.md) when this jaxlib accepts it, checked by starting JAX once in a "
+                  "subprocess (about 2 s), and unless XLA_FLAGS already sets that option; 'none': XLA_FLAGS "
+                  "as it is; anything else: added as given, after the same check (write "
+                  "--xla-flags=--xla_...)")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -210,8 +212,7 @@ def _set_xla_flags(request: str, quiet: bool = False) -> None:
     from . import xla_flags
 
     try:
-        flags, note = xla_flags.resolve(request)
-        xla_flags.apply(flags)
+        note = xla_flags.setup(request)
     except xla_flags.XlaFlagsError as e:
         raise ConfigError(f"--xla-flags: {e}") from None
     if note and not quiet:

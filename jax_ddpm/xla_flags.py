@@ -53,7 +53,8 @@ def resolve(request: str, cpu: bool = True) -> tuple[str, str | None]:
 
     ``'auto'``: ``CPU_XLA_FLAGS`` when ``cpu`` (the run may use the CPU backend), XLA_FLAGS
     does not already set that option, JAX has not started in this process yet, and this jaxlib
-    accepts it; else nothing, with a note saying why when this jaxlib rejected it. ``'none'``: nothing. Anything else: those flags, checked.
+    accepts it; else nothing, with a note saying why when this jaxlib rejected it.
+    ``'none'``: nothing. Anything else: those flags, checked.
 
     Raises:
         XlaFlagsError: explicit flags this jaxlib rejects.
@@ -85,3 +86,14 @@ def apply(flags: str) -> None:
     if jax_started():
         raise XlaFlagsError(f"JAX has already started in this process; XLA flags {flags!r} cannot take effect")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+
+
+def setup(request: str, cpu: bool = True) -> str | None:
+    """:func:`resolve` then :func:`apply`: what ``--xla-flags`` does. Returns the note, if any.
+
+    Raises:
+        XlaFlagsError: explicit flags this jaxlib rejects, or flags that come too late.
+    """
+    flags, note = resolve(request, cpu)
+    apply(flags)
+    return note
