@@ -2,7 +2,8 @@
 
 Each checkpoint ``checkpoints/<step>/`` holds two orbax items:
 
-* ``state``: a pytree of arrays (``StandardSave``): ``params``, ``batch_stats``,
+* ``state``: a pytree of arrays (``StandardSave``): ``params``, ``batch_stats`` (when the
+  model has BatchNorm statistics),
   ``opt_state``, ``ema_params`` (when EMA is on), ``step`` and ``rng`` (the training key as
   raw ``uint32`` key data, ``jax.random.key_data``);
 * ``meta``: JSON (``JsonSave``): the run's identity (``config.identity``), the data
@@ -28,6 +29,8 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from .errors import one_line as _one_line
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEM = "state"
@@ -85,8 +88,9 @@ def complete_steps(workdir: str) -> list[int]:
 def state_to_tree(state: Any, key: jax.Array) -> dict[str, Any]:
     """The checkpointed part of a ``TrainState`` plus the training key (as uint32 key data)."""
     key_data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "rng": key_data}
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": key_data}
+    if state.batch_stats is not None:  # a model without BatchNorm has none
+        tree["batch_stats"] = state.batch_stats
     if state.ema_params is not None:
         tree["ema_params"] = state.ema_params
     return tree
@@ -94,7 +98,7 @@ def state_to_tree(state: Any, key: jax.Array) -> dict[str, Any]:
 
 def tree_to_state(state: Any, tree: Mapping[str, Any]) -> tuple[Any, jax.Array]:
     """Puts a restored tree back into ``state`` (a template); returns (state, typed key)."""
-    state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
+    state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree.get("batch_stats"),
                           opt_state=tree["opt_state"],
                           ema_params=tree.get("ema_params") if state.ema_params is not None else None)
     rng = tree["rng"]
@@ -152,11 +156,6 @@ def restore(manager: ocp.CheckpointManager, step: int, template: Mapping[str, An
 
 def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
     return os.path.join(str(manager.directory), str(step))
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 __all__ = [

@@ -1,9 +1,11 @@
-"""Flax UNet variables <-> torch_ref's state_dict names, as a flat dict of NumPy arrays.
+"""Flax variables <-> torch state_dict names, as a flat dict of NumPy arrays.
 
 No torch here: the exchange format is ``{torch_name: np.ndarray}``, saved as safetensors
-with the model settings in the file's metadata (the same format ``torch_ref.weights``
-reads and writes). The map is a table (``weight_table``): module paths are the same in both
-frameworks, only the leaf names and the kernel layouts differ:
+with the model settings in the file's metadata (for the chapter's U-Net, the same format
+``torch_ref.weights`` reads and writes, plus an ``arch`` key; a file without it is the
+chapter's). The map is a table, one per architecture in the registry
+(``Architecture.weight_table``; :func:`weight_table`): module paths are the same in both
+frameworks, only the leaf names and the kernel layouts differ. The chapter's:
 
 =====================  ==========================  ==============================================
 flax                   torch                       layout
@@ -25,29 +27,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
-BLOCKS = ("down1", "down2", "down3", "up1", "up2", "up3")
-META_KEYS = ("img_channels", "time_emb_dim", "features", "timesteps", "schedule")
+from .models.arch import WeightRow
+from .models.registry import DEFAULT_ARCH, get_arch
+
+from .models.chapter_unet import BLOCKS  # noqa: E402,F401  (public here before the registry)
+
+META_KEYS = ("img_channels", "time_emb_dim", "features", "timesteps", "schedule")  # the chapter's files
+SCHEDULE_META_KEYS = ("timesteps", "schedule")  # every file, whatever its architecture
 
 
-def weight_table() -> list[tuple[str, tuple[str, ...], str]]:
-    """Rows (torch_name, flax_path, layout) for every tensor of the UNet."""
-    rows = []
-    for conv_name in ("inc", "outc"):
-        rows += [(f"{conv_name}.weight", ("params", conv_name, "kernel"), "conv"),
-                 (f"{conv_name}.bias", ("params", conv_name, "bias"), "same")]
-    for b in BLOCKS:
-        rows += [(f"{b}.time_mlp.weight", ("params", b, "time_mlp", "kernel"), "dense"),
-                 (f"{b}.time_mlp.bias", ("params", b, "time_mlp", "bias"), "same")]
-        for c in ("conv1", "conv2", "transform"):
-            layout = "conv_transpose" if (c == "transform" and b.startswith("up")) else "conv"
-            rows += [(f"{b}.{c}.weight", ("params", b, c, "kernel"), layout),
-                     (f"{b}.{c}.bias", ("params", b, c, "bias"), "same")]
-        rows += [(f"{b}.bnorm.weight", ("params", b, "bnorm", "scale"), "same"),
-                 (f"{b}.bnorm.bias", ("params", b, "bnorm", "bias"), "same"),
-                 (f"{b}.bnorm.running_mean", ("batch_stats", b, "bnorm", "mean"), "same"),
-                 (f"{b}.bnorm.running_var", ("batch_stats", b, "bnorm", "var"), "same"),
-                 (f"{b}.bnorm.num_batches_tracked", ("batch_stats", b, "bnorm", "num_batches_tracked"), "count")]
-    return rows
+def weight_table(arch: str = DEFAULT_ARCH, config: Any = None) -> list[WeightRow]:
+    """Rows (torch_name, flax_path, layout) for every tensor of architecture ``arch``
+    (the registry's table; the chapter's U-Net by default)."""
+    return get_arch(arch).weight_table(config)
 
 
 def _to_torch(a: np.ndarray, layout: str) -> np.ndarray:
@@ -80,22 +72,28 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]):
     return tree
 
 
-def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax ``{'params', 'batch_stats'}`` -> ``{torch_name: np.ndarray}``."""
-    return {name: _to_torch(np.asarray(_get(variables, path)), layout) for name, path, layout in weight_table()}
+def to_torch_state_dict(variables: Mapping[str, Any], table: list[WeightRow] | None = None) -> dict[str, np.ndarray]:
+    """Flax ``{'params'[, 'batch_stats']}`` -> ``{torch_name: np.ndarray}``.
+
+    ``table``: the architecture's weight table (default: the chapter's U-Net, :func:`weight_table`).
+    """
+    table = weight_table() if table is None else table
+    return {name: _to_torch(np.asarray(_get(variables, path)), layout) for name, path, layout in table}
 
 
-def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], like: Mapping[str, Any] | None = None) -> dict:
-    """``{torch_name: np.ndarray}`` -> Flax ``{'params': ..., 'batch_stats': ...}`` (NumPy leaves).
+def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], like: Mapping[str, Any] | None = None,
+                          table: list[WeightRow] | None = None) -> dict:
+    """``{torch_name: np.ndarray}`` -> Flax ``{'params'[, 'batch_stats']}`` (NumPy leaves).
 
     Args:
       state_dict: the torch names and arrays.
       like: optional variables of the target model; every converted array's shape and
         dtype kind must match it.
+      table: the architecture's weight table (default: the chapter's U-Net).
     Raises:
       ValueError: naming the missing, unexpected or misshaped tensors.
     """
-    table = weight_table()
+    table = weight_table() if table is None else table
     names = {name for name, _, _ in table}
     missing = sorted(names - set(state_dict))
     unexpected = sorted(set(state_dict) - names)
@@ -126,12 +124,17 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], like: Mapping[st
 
 
 def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
-    """Writes the flat dict and the model settings (``META_KEYS``) to ``path``."""
+    """Writes the flat dict and the model settings to ``path``.
+
+    ``metadata`` must hold ``timesteps``, ``schedule`` and what its architecture's
+    ``from_metadata`` needs (``arch`` absent = the chapter's U-Net: ``META_KEYS``).
+    """
     from safetensors.numpy import save_file
 
-    missing = [k for k in META_KEYS if k not in metadata]
+    missing = [k for k in SCHEDULE_META_KEYS if k not in metadata]
     if missing:
         raise ValueError(f"metadata lacks {', '.join(missing)}")
+    arch_from_metadata({k: str(v) for k, v in metadata.items()})  # raises ValueError naming what is wrong
     # np.ascontiguousarray makes 0-d arrays 1-d: keep num_batches_tracked a scalar
     save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_dict.items()}, os.fspath(path),
               metadata={k: str(v) for k, v in metadata.items()})
@@ -151,5 +154,20 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
 
 def metadata_for(img_channels: int, time_emb_dim: int, features, timesteps: int, schedule: str) -> dict[str, str]:
-    return {"img_channels": str(img_channels), "time_emb_dim": str(time_emb_dim),
-            "features": ",".join(str(int(f)) for f in features), "timesteps": str(timesteps), "schedule": schedule}
+    """The chapter U-Net's metadata (torch_ref.weights' keys) with the schedule; see :func:`arch_metadata`."""
+    from .models.chapter_unet import ChapterUNetConfig
+
+    config = ChapterUNetConfig(img_channels=img_channels, time_emb_dim=time_emb_dim, features=tuple(features))
+    return arch_metadata("chapter", config, timesteps, schedule)
+
+
+def arch_metadata(arch: str, config: Any, timesteps: int, schedule: str) -> dict[str, str]:
+    """safetensors metadata for any architecture: its own keys (with ``arch``), ``timesteps``, ``schedule``."""
+    return dict(get_arch(arch).to_metadata(config), timesteps=str(timesteps), schedule=schedule)
+
+
+def arch_from_metadata(meta: Mapping[str, str]) -> tuple[str, Any]:
+    """``(arch, config)`` from safetensors metadata; no ``arch`` key means the chapter's U-Net
+    (files written before the registry). Raises ValueError."""
+    arch = meta.get("arch", DEFAULT_ARCH)
+    return arch, get_arch(arch).from_metadata(meta)

@@ -23,6 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import one_line
+
+LAYOUTS = ("auto", "nhwc", "nchw")  # axis order of an .npz/.npy file
+CHANNELS = (1, 3)  # images are converted to grayscale or RGB
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -189,8 +194,7 @@ def fingerprint(images: np.ndarray) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
+    return one_line(e, 160)  # inside a message that already names the file
 
 
 # ----------------------------------------------------------------------------- batching

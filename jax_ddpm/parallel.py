@@ -39,6 +39,7 @@ from .training import train_step
 
 DATA_AXIS = "data"
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = tuple(COMPUTE_DTYPES)  # --dtype choices
 
 
 # ----------------------------------------------------------------------------- multi-host
@@ -279,7 +280,7 @@ def check_float32_state(state: Any) -> None:
 
 
 __all__ = [
-    "COMPUTE_DTYPES", "DATA_AXIS", "abstract_replicated", "batch_sharding", "batch_sizes", "check_float32_state", "check_global_batch",
+    "COMPUTE_DTYPES", "DATA_AXIS", "DTYPES", "abstract_replicated", "batch_sharding", "batch_sizes", "check_float32_state", "check_global_batch",
     "compute_dtype", "host_local_batch_indices", "make_global_batch", "make_mesh", "make_sharded_train_step",
     "maybe_initialize_distributed", "replicated", "shard_state",
 ]

@@ -10,6 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
+MIN_TIMESTEPS = 2  # one step has no posterior: the clipped log variance repeats entry 1
+
+
+def check_timesteps(timesteps) -> int:
+    """``timesteps`` if it is an integer >= ``MIN_TIMESTEPS``; raises ValueError otherwise."""
+    if not isinstance(timesteps, (int, np.integer)) or isinstance(timesteps, bool) or timesteps < MIN_TIMESTEPS:
+        raise ValueError(f"timesteps must be an integer >= {MIN_TIMESTEPS}, got {timesteps!r}")
+    return int(timesteps)
 
 
 def linear_beta_schedule(timesteps: int, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
@@ -79,11 +87,10 @@ def make_schedule(timesteps: int, kind: str = "linear") -> DiffusionSchedule:
     """Builds the float32 ``DiffusionSchedule`` for ``kind`` in ``SCHEDULES``.
 
     Raises:
-      ValueError: if ``timesteps < 2`` (one step has no posterior: the clipped log
-        variance repeats entry 1) or ``kind`` is unknown.
+      ValueError: if ``timesteps < MIN_TIMESTEPS`` (:func:`check_timesteps`) or ``kind``
+        is unknown.
     """
-    if not isinstance(timesteps, (int, np.integer)) or isinstance(timesteps, bool) or timesteps < 2:
-        raise ValueError(f"timesteps must be a positive integer >= 2, got {timesteps!r}")
+    check_timesteps(timesteps)
     if kind == "linear":
         betas = linear_beta_schedule(timesteps)
     elif kind == "cosine":

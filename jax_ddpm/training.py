@@ -1,4 +1,8 @@
-"""Training state and a pure train step (flax examples/imagenet/train.py style)."""
+"""Training state and a pure train step (flax examples/imagenet/train.py style).
+
+``batch_stats`` is optional: a model without BatchNorm (GroupNorm, say) has none, and the
+state, the loss, checkpoints and convert carry ``None`` for it.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -17,7 +21,7 @@ class TrainState(flax.struct.PyTreeNode):
 
     step: jnp.ndarray
     params: Any
-    batch_stats: Any
+    batch_stats: Any  # None for a model without BatchNorm statistics
     opt_state: Any
     ema_params: Any  # None when ema_decay == 0
     schedule: DiffusionSchedule
@@ -27,12 +31,16 @@ class TrainState(flax.struct.PyTreeNode):
 
     @property
     def variables(self):
-        return {"params": self.params, "batch_stats": self.batch_stats}
+        return model_variables(self.params, self.batch_stats)
 
     @property
     def ema_variables(self):
-        ema = self.params if self.ema_params is None else self.ema_params
-        return {"params": ema, "batch_stats": self.batch_stats}
+        return model_variables(self.params if self.ema_params is None else self.ema_params, self.batch_stats)
+
+
+def model_variables(params, batch_stats=None) -> dict:
+    """``{'params': ...}`` plus ``'batch_stats'`` when the model has them."""
+    return {"params": params} if batch_stats is None else {"params": params, "batch_stats": batch_stats}
 
 
 def make_optimizer(lr: float = 1e-3, grad_clip: float | None = None) -> optax.GradientTransformation:
@@ -45,20 +53,34 @@ def create_train_state(model, key: jax.Array, image_shape: tuple[int, int, int],
                        tx: optax.GradientTransformation, ema_decay: float = 0.0) -> TrainState:
     """Initialises the model (torch's default init) for images of ``image_shape`` = (H, W, C)."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    # jitted: eager init of the U-Net dispatches hundreds of small ops (~30 s on 2 cores)
+    # jitted: eager init of the U-Net dispatches hundreds of small ops
     variables = jax.jit(model.init, static_argnames="train")(key, x, jnp.zeros((1,), jnp.int32), train=True)
+    return train_state_from_variables(variables, model.apply, tx, schedule, ema_decay)
+
+
+def train_state_from_variables(variables, apply_fn: Callable, tx: optax.GradientTransformation,
+                               schedule: DiffusionSchedule, ema_decay: float = 0.0, step: int = 0) -> TrainState:
+    """The one place a ``TrainState`` is assembled: ``variables`` (``{'params'[, 'batch_stats']}``)
+    with a fresh optimizer state (``tx.init``) and EMA equal to the parameters.
+
+    The schedule and the EMA are copies: the state is donated to the train step, which must
+    not see one buffer twice, and the caller keeps its own arrays.
+    """
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(params),
-                      schedule=jax.tree_util.tree_map(jnp.copy, schedule),  # the state is donated; keep the caller's
-                      # a copy: the donated step must not see one buffer twice
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params, batch_stats=variables.get("batch_stats"),
+                      opt_state=tx.init(params), schedule=jax.tree_util.tree_map(jnp.copy, schedule),
                       ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay else None,
-                      apply_fn=model.apply, tx=tx, ema_decay=ema_decay)
+                      apply_fn=apply_fn, tx=tx, ema_decay=ema_decay)
 
 
 def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, noise):
-    """Epsilon-MSE on ``x_t = q_sample(x0, t, noise)``; returns (loss, new batch_stats)."""
+    """Epsilon-MSE on ``x_t = q_sample(x0, t, noise)``; returns (loss, new batch_stats).
+
+    ``batch_stats`` None: a model without BatchNorm statistics (returned as None).
+    """
     x_t = q_sample(schedule, x0, t, noise)
+    if batch_stats is None:
+        return eps_mse_loss(apply_fn({"params": params}, x_t, t, train=True), noise), None
     eps, mutated = apply_fn({"params": params, "batch_stats": batch_stats}, x_t, t, train=True,
                             mutable=["batch_stats"])
     return eps_mse_loss(eps, noise), mutated["batch_stats"]
@@ -68,6 +90,9 @@ def apply_gradients(state: TrainState, grads, batch_stats) -> TrainState:
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if state.ema_decay:
+        # Written out, not optax.incremental_update(params, ema, 1 - d): that computes
+        # (1 - d) * p + d * e, which XLA contracts into another fused multiply-add and rounds
+        # 1-2 ulp differently, so a work folder trained before could not resume to the same bits.
         d = state.ema_decay
         ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
     else:
@@ -100,6 +125,3 @@ def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array):
     """Pure step: draws t and noise from ``fold_in(key, state.step)``. Jit with ``donate_argnums=0``."""
     t, noise = draw_t_and_noise(key, state.step, batch, state.schedule.timesteps)
     return train_step_with_noise(state, batch, t, noise)
-
-
-jit_train_step = jax.jit(train_step, donate_argnums=(0,))

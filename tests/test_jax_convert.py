@@ -124,8 +124,8 @@ def test_safetensors_round_trip(tmp_path, variables):
     path = tmp_path / "unet.safetensors"
     convert.save_safetensors(path, sd, meta)
     loaded, loaded_meta = convert.load_safetensors(path)
-    assert loaded_meta == {"img_channels": "3", "time_emb_dim": "8", "features": "4,8,8,16", "timesteps": "100",
-                           "schedule": "cosine"}
+    assert loaded_meta == {"arch": "chapter", "img_channels": "3", "time_emb_dim": "8", "features": "4,8,8,16",
+                           "timesteps": "100", "schedule": "cosine"}
     assert sorted(loaded) == sorted(sd)
     for k in sd:
         assert loaded[k].dtype == sd[k].dtype and np.array_equal(loaded[k], sd[k]), k

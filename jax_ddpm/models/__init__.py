@@ -1,4 +1,8 @@
+"""Architectures (Flax Linen, NHWC) and the registry that names them (``registry.get_arch``)."""
+from .arch import ArchConfigError, Architecture
+from .chapter_unet import Block, ChapterUNetConfig, SinusoidalPositionEmbeddings, UNet
 from .layers import TorchBatchNorm
-from .unet import Block, SinusoidalPositionEmbeddings, UNet
+from .registry import ARCH_NAMES, ARCHITECTURES, DEFAULT_ARCH, build_model, get_arch
 
-__all__ = ["Block", "SinusoidalPositionEmbeddings", "TorchBatchNorm", "UNet"]
+__all__ = ["ARCHITECTURES", "ARCH_NAMES", "ArchConfigError", "Architecture", "Block", "ChapterUNetConfig",
+           "DEFAULT_ARCH", "SinusoidalPositionEmbeddings", "TorchBatchNorm", "UNet", "build_model", "get_arch"]
