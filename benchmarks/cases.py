@@ -27,7 +27,8 @@ from .measure import REPO, _err, current_rss_bytes, peak_rss_bytes, torch_flops,
 
 @dataclasses.dataclass(frozen=True)
 class ModelSize:
-    """One U-Net configuration of the benchmark."""
+    """One U-Net configuration of the benchmark; ``arch`` names its entry in
+    ``jax_ddpm.models.registry`` (the JAX side is built from there)."""
 
     name: str
     image_size: int
@@ -35,6 +36,15 @@ class ModelSize:
     features: tuple[int, int, int, int]
     timesteps: int
     note: str
+    arch: str = "chapter"
+    time_emb_dim: int = 32
+
+    def arch_config(self):
+        """The architecture's config for this size (``Architecture.config_from_fields``)."""
+        from jax_ddpm.models.registry import get_arch
+
+        return get_arch(self.arch).config_from_fields(self.channels, features=self.features,
+                                                      time_emb_dim=self.time_emb_dim)
 
 
 SIZES = {
@@ -82,8 +92,10 @@ def torch_model(size: ModelSize, device: str, seed: int = 0):
 
     from torch_ref.model import UNet
 
+    if size.arch != "chapter":
+        raise ValueError(f"size {size.name}: no torch model for arch {size.arch!r} in the benchmark yet")
     torch.manual_seed(seed)
-    return UNet(size.channels, 32, list(size.features)).to(device)
+    return UNet(size.channels, size.time_emb_dim, list(size.features)).to(device)
 
 
 def _autocast(device: str, dtype: str):
@@ -238,7 +250,7 @@ def counted_flops(base_model, size: ModelSize, batch: int, device: str) -> dict:
 
 # ----------------------------------------------------------------------------- jax side
 def jax_variables(base_model) -> dict:
-    """The torch model's weights and BatchNorm buffers as flax variables (jax arrays)."""
+    """The torch model's weights and BatchNorm buffers as flax variables (jax arrays; the chapter's table)."""
     import jax
     import jax.numpy as jnp
 
@@ -249,11 +261,12 @@ def jax_variables(base_model) -> dict:
 
 
 def jax_model(size: ModelSize, dtype: str, conv_impl: str):
+    """The JAX model of ``size``, built through the architecture registry."""
     import jax.numpy as jnp
 
-    from jax_ddpm.models import UNet
+    from jax_ddpm.models.registry import get_arch
 
-    return UNet(size.channels, 32, size.features, dtype=getattr(jnp, dtype), conv_impl=conv_impl)
+    return get_arch(size.arch).build(size.arch_config(), dtype=getattr(jnp, dtype), conv_impl=conv_impl)
 
 
 def jax_impl_name(conv_impl: str) -> str:
@@ -295,11 +308,8 @@ def jax_train_state(variables: dict, size: ModelSize, dtype: str, conv_impl: str
 
     model = jax_model(size, dtype, conv_impl)
     tx = training.make_optimizer(1e-3)
-    params = jax.tree_util.tree_map(jnp.copy, variables["params"])
-    return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               batch_stats=jax.tree_util.tree_map(jnp.copy, variables["batch_stats"]),
-                               opt_state=tx.init(params), ema_params=None,
-                               schedule=make_schedule(size.timesteps, "linear"), apply_fn=model.apply, tx=tx)
+    return training.train_state_from_variables(jax.tree_util.tree_map(jnp.copy, dict(variables)), model.apply, tx,
+                                               make_schedule(size.timesteps, "linear"))
 
 
 def jax_train_runner(variables: dict, size: ModelSize, batch: int, dtype: str, conv_impl: str,

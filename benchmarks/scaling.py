@@ -41,7 +41,7 @@ def _random_train_state(model, image_shape, tx, schedule, seed: int = 0):
     import jax.numpy as jnp
     import numpy as np
 
-    from jax_ddpm.training import TrainState
+    from jax_ddpm.training import train_state_from_variables
 
     shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1,) + image_shape), jnp.zeros((1,), jnp.int32),
                                                  train=True), jax.random.PRNGKey(0))
@@ -51,8 +51,7 @@ def _random_train_state(model, image_shape, tx, schedule, seed: int = 0):
     batch_stats = jax.tree_util.tree_map_with_path(
         lambda p, s: np.ones(s.shape, s.dtype) if p[-1].key == "var" else np.zeros(s.shape, s.dtype),
         shapes["batch_stats"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), ema_params=None, schedule=schedule, apply_fn=model.apply, tx=tx)
+    return train_state_from_variables({"params": params, "batch_stats": batch_stats}, model.apply, tx, schedule)
 
 
 def run_child(num_devices: int, dtype: str, batch: int, image_size: int, features: tuple[int, ...],
@@ -61,7 +60,8 @@ def run_child(num_devices: int, dtype: str, batch: int, image_size: int, feature
     import jax
     import numpy as np
 
-    from jax_ddpm import UNet, make_optimizer, make_schedule, parallel
+    from jax_ddpm import make_optimizer, make_schedule, parallel
+    from jax_ddpm.models.registry import get_arch
 
     devices = jax.devices()[:num_devices]
     if len(devices) < num_devices:
@@ -69,7 +69,9 @@ def run_child(num_devices: int, dtype: str, batch: int, image_size: int, feature
     mesh = parallel.make_mesh(devices)
     sizes = parallel.batch_sizes(batch, mesh)
     image_shape = (image_size, image_size, 3)
-    model = UNet(3, 32, features, dtype=parallel.compute_dtype(dtype))
+    arch = get_arch("chapter")
+    model = arch.build(arch.config_from_fields(3, features=tuple(features), time_emb_dim=32),
+                       dtype=parallel.compute_dtype(dtype))
     state = parallel.shard_state(_random_train_state(model, image_shape, make_optimizer(1e-4), make_schedule(1000)),
                                  mesh)
     x = np.random.default_rng(1).uniform(-1, 1, (batch,) + image_shape).astype(np.float32)

@@ -79,7 +79,7 @@ def tiny_train_state(dtype=None, seed: int = 0):
     import jax.numpy as jnp
 
     from jax_ddpm import UNet, make_optimizer, make_schedule
-    from jax_ddpm.training import TrainState
+    from jax_ddpm.training import train_state_from_variables
 
     model = UNet(IMAGE_SHAPE[-1], 32, FEATURES, **({} if dtype is None else {"dtype": dtype}))
     shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1,) + IMAGE_SHAPE), jnp.zeros((1,), jnp.int32),
@@ -102,9 +102,8 @@ def tiny_train_state(dtype=None, seed: int = 0):
         lambda p, s: np.ones(s.shape, s.dtype) if p[-1].key == "var" else np.zeros(s.shape, s.dtype),
         shapes["batch_stats"])
     tx = make_optimizer(LR)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), ema_params=jax.tree_util.tree_map(np.copy, params),
-                      schedule=make_schedule(TIMESTEPS), apply_fn=model.apply, tx=tx, ema_decay=EMA_DECAY)
+    return train_state_from_variables({"params": params, "batch_stats": batch_stats}, model.apply, tx,
+                                      make_schedule(TIMESTEPS), ema_decay=EMA_DECAY)
 
 
 def tiny_batch(n: int, seed: int = 1) -> np.ndarray:
