@@ -2,11 +2,11 @@
 
 XLA reads ``XLA_FLAGS`` once, when the first backend starts, and a flag it does not know
 aborts the process. So a flag is checked by starting JAX once in a subprocess with it
-(CPU backend only, ~2 s) before it is added to this process's ``XLA_FLAGS``.
+(CPU backend only; a few seconds) before it is added to this process's ``XLA_FLAGS``.
 
 ``CPU_XLA_FLAGS`` keeps XLA:CPU's single convolutions on its Eigen path instead of YNNPACK's
-(jaxlib 0.10): the U-Net's train step on CPU runs 1.05-1.7x faster relative to torch with it
-(benchmarks/README.md, "CPU gap", item 2). It only concerns the CPU backend. ``jax-ddpm
+(jaxlib 0.10): the U-Net's train step on CPU runs faster with it (measured in
+benchmarks/README.md, "CPU gap", item 2). It only concerns the CPU backend. ``jax-ddpm
 train`` and ``sample`` and ``python -m benchmarks`` add it by default (``--xla-flags auto``).
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ class SinusoidalPositionEmbeddings(nn.Module):
         # The frequencies are constants: the chapter's float32 exponent, exponentiated in
         # float64 and rounded once (P1), as torch's exp rounds them. XLA's float32 exp
         # (eager, or wherever it is not constant-folded) is 1 ulp off for some k, and
-        # sin(t * f) amplifies that by t: 1.5e-5 from torch_ref at t = 999 (parity_tests).
+        # sin(t * f) amplifies that by t (measured against torch_ref by parity_tests).
         exponent = np.arange(half_dim, dtype=np.float32) * np.float32(-embeddings)  # [D/2]
         emb = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
         emb = time.astype(jnp.float32)[:, None] * emb[None, :]
@@ -81,9 +81,9 @@ class UNet(nn.Module):
     dtype; parameters and BatchNorm statistics are float32. ``conv_impl`` chooses how the
     convolutions are written, not what they compute: ``'xla'`` (XLA's convolutions as
     they are), ``'decomposed'`` (strided and transposed convolutions as stride-1 ones,
-    :mod:`jax_ddpm.models.convolutions`; ~2x faster train steps on XLA:CPU; in training mode
-    the strided ones take a ``custom_vjp``, so ``jax.jvp`` works in evaluation mode only, as
-    with BatchNorm) or ``'auto'`` (decomposed on the CPU backend, xla elsewhere). Parameters
+    :mod:`jax_ddpm.models.convolutions`; faster train steps on XLA:CPU, measured in
+    benchmarks/README.md; in training mode the strided ones take a ``custom_vjp``, so
+    ``jax.jvp`` works in evaluation mode only, as with BatchNorm) or ``'auto'`` (decomposed on the CPU backend, xla elsewhere). Parameters
     are identical for all three.
     """
 
