@@ -122,6 +122,23 @@ def test_save_load_unet_round_trip(tmp_path, digits_batch):
         assert torch.equal(model.eval()(x, t), loaded(x, t))
 
 
+def test_load_unet_refuses_another_architecture(tmp_path, capsys):
+    """jax_ddpm writes ``arch``; torch_ref has only the chapter's U-Net."""
+    from safetensors.torch import save_file
+
+    from torch_ref.sample import main as sample_main
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"arch": "unet2d", "timesteps": "10", "schedule": "linear"})
+    with pytest.raises(ValueError, match="holds arch 'unet2d'; torch_ref has only the chapter's U-Net"):
+        load_unet(path)
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--weights", str(path), "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "torch_ref has only the chapter's U-Net" in err and "Traceback" not in capsys.readouterr().err
+
+
 def test_load_unet_rejects_missing_metadata(tmp_path):
     path = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in _model().state_dict().items()}, str(path))

@@ -101,7 +101,10 @@ def main(argv=None):
     if not a.out.lower().endswith((".png", ".npz")):
         p.error(f"--out {a.out}: must end in .png or .npz")
 
-    model, meta = load_unet(a.weights)
+    try:
+        model, meta = load_unet(a.weights)
+    except (OSError, ValueError) as e:  # a missing file, another architecture, bad metadata
+        p.error(f"--weights {' '.join(str(e).split())}")
     diffusion = DiffusionProcess(int(meta["timesteps"]), meta["schedule"])
     channels = int(meta["img_channels"])
     if a.noise is not None:

@@ -2,7 +2,8 @@
 
 The file holds the UNet's state_dict under its own names, and its metadata holds the
 model and schedule settings as strings: img_channels, time_emb_dim, features
-(comma-separated), timesteps, schedule. ``jax_ddpm.convert`` writes and reads the same.
+(comma-separated), timesteps, schedule. ``jax_ddpm.convert`` writes and reads the same,
+plus ``arch`` (``chapter``; another architecture is refused here).
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def load_unet(path):
     """Returns (model in eval mode, metadata dict)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
+    arch = meta.get("arch", "chapter")  # jax_ddpm writes arch; files without it are the chapter's
+    if arch != "chapter":
+        raise ValueError(f"{path}: holds arch {arch!r}; torch_ref has only the chapter's U-Net")
     missing = [k for k in ("img_channels", "time_emb_dim", "features", "timesteps", "schedule") if k not in meta]
     if missing:
         raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
