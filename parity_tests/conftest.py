@@ -9,19 +9,18 @@ import os
 
 import pytest
 
-from parity_tests import report
+from parity_tests.context import DEVICES, Context, DeviceUnavailable, make_context
 
 
 def pytest_addoption(parser):
     parser.addoption("--parity-device", default=os.environ.get("JAX_DDPM_PARITY_DEVICE", "auto"),
-                     choices=report.DEVICES, help="device for the parity tests (default: auto)")
+                     choices=DEVICES, help="device for the parity tests (default: auto)")
 
 
 @pytest.fixture(scope="session")
-def parity_ctx(request) -> report.Context:
+def parity_ctx(request) -> Context:
     """The shared context: models and jitted functions are built once per session."""
     try:
-        return report.make_context(request.config.getoption("--parity-device"))
-    except report.DeviceUnavailable as e:
+        return make_context(request.config.getoption("--parity-device"))
+    except DeviceUnavailable as e:
         pytest.fail(str(e), pytrace=False)
-

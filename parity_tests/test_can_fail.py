@@ -1,10 +1,14 @@
 """The suite can fail: a deliberately broken component turns its parity row red.
 
-Each test monkeypatches one break into jax_ddpm (never committed), runs the same case the
-parity suite runs on a fresh context (nothing compiled before the break is reused), and
-asserts that the row fails with a measured error far above its tolerance.
+Each test monkeypatches one break (never committed) into jax_ddpm, into a reference's
+adapter, or into the tolerance table, runs the same case the parity suite runs on a fresh
+context (nothing compiled or built before the break is reused), and asserts that the row
+fails with a measured error far above its tolerance -- or, for the tolerance table, that a
+too-loose or missing entry is caught.
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -13,17 +17,29 @@ import numpy as np
 import pytest
 
 from jax_ddpm import convert, diffusion, schedules, training
-from jax_ddpm.models import SinusoidalPositionEmbeddings, TorchBatchNorm, unet
-from parity_tests import report
+from jax_ddpm.models import SinusoidalPositionEmbeddings, TorchBatchNorm, chapter_unet
+from parity_tests import jax_side, tolerances
+from parity_tests.cases import CASES, find_case
+from parity_tests.context import Context, make_context
+from parity_tests.core import METRICS, Row, run_case
+from parity_tests.inputs import SAMPLER_NET
+from parity_tests.references import COMPONENTS, REFERENCES, oracle as oracle_ref
 
 
 @pytest.fixture
-def fresh_ctx(parity_ctx) -> report.Context:
-    return report.make_context(parity_ctx.device)
+def fresh_ctx(parity_ctx) -> Context:
+    return make_context(parity_ctx.device)
 
 
-def _run(ctx: report.Context, component: str) -> report.Row:
-    return report.run_case(ctx, report.find_case(component))
+def _run(ctx: Context, component: str) -> Row:
+    return run_case(ctx, find_case(component))
+
+
+def _fails(row: Row, factor: float = 100) -> None:
+    assert not row.passed and row.measured > factor * row.tol, row.message()
+
+
+# ----------------------------------------------------------------------------- jax_ddpm
 
 
 def test_swapped_schedule_sqrt_fails(monkeypatch, fresh_ctx):
@@ -38,8 +54,7 @@ def test_swapped_schedule_sqrt_fails(monkeypatch, fresh_ctx):
     monkeypatch.setattr(schedules, "schedule_arrays", swapped)
     for component in ("schedule cosine T=100 vs oracle", "schedule cosine T=100 vs torch",
                       "q_sample cosine T=1000 t=random vs torch"):
-        row = _run(fresh_ctx, component)
-        assert not row.passed and row.measured > 100 * row.tol, row.message()
+        _fails(_run(fresh_ctx, component))
 
 
 class BiasedVarBatchNorm(TorchBatchNorm):
@@ -66,9 +81,8 @@ class BiasedVarBatchNorm(TorchBatchNorm):
 
 
 def test_biased_running_variance_fails(monkeypatch, fresh_ctx):
-    monkeypatch.setattr(unet, "TorchBatchNorm", BiasedVarBatchNorm)
-    row = _run(fresh_ctx, "bn running stats 3 train fwd 1ch 16px b4 f8-64")
-    assert not row.passed and row.measured > 100 * row.tol, row.message()
+    monkeypatch.setattr(chapter_unet, "TorchBatchNorm", BiasedVarBatchNorm)
+    _fails(_run(fresh_ctx, "bn running stats 3 train fwd 1ch 16px b4 f8-64"))
 
 
 class Float32ExpEmbedding(SinusoidalPositionEmbeddings):
@@ -87,9 +101,8 @@ def test_float32_exp_embedding_fails(monkeypatch, fresh_ctx):
 
     (Under jit XLA constant-folds the exp and happened to agree; the row checks both.)
     """
-    monkeypatch.setattr(report, "JaxEmbedding", Float32ExpEmbedding)
-    row = _run(fresh_ctx, "embedding dim=32 t<1000 vs torch")
-    assert not row.passed and row.measured > 5 * row.tol, row.message()
+    monkeypatch.setattr(jax_side, "JaxEmbedding", Float32ExpEmbedding)
+    _fails(_run(fresh_ctx, "embedding dim=32 t<1000 vs torch"), 5)
 
 
 def test_unflipped_conv_transpose_fails(monkeypatch, fresh_ctx):
@@ -99,8 +112,7 @@ def test_unflipped_conv_transpose_fails(monkeypatch, fresh_ctx):
         return np.ascontiguousarray(a.transpose(2, 3, 0, 1)) if layout == "conv_transpose" else real(a, layout)
 
     monkeypatch.setattr(convert, "_from_torch", no_flip)
-    row = _run(fresh_ctx, "unet forward eval 1ch 16px b4 f8-64")
-    assert not row.passed and row.measured > 100 * row.tol, row.message()
+    _fails(_run(fresh_ctx, "unet forward eval 1ch 16px b4 f8-64"))
 
 
 def test_chapter_alpha_bar_in_step_fails(monkeypatch, fresh_ctx):
@@ -113,8 +125,7 @@ def test_chapter_alpha_bar_in_step_fails(monkeypatch, fresh_ctx):
         return mean * fix, var
 
     monkeypatch.setattr(diffusion, "p_mean_variance", e2)
-    row = _run(fresh_ctx, "reverse-step mean/var linear T=100 beta_tilde vs oracle")
-    assert not row.passed and row.measured > 100 * row.tol, row.message()
+    _fails(_run(fresh_ctx, "reverse-step mean/var linear T=100 beta_tilde vs oracle"))
 
 
 @pytest.mark.slow
@@ -122,8 +133,143 @@ def test_adam_with_wrong_lr_fails(monkeypatch, fresh_ctx):
     """lr 10% high: every element beyond 1e-5 (the fraction row) and the optimiser-alone row."""
     real = training.make_optimizer
     monkeypatch.setattr(training, "make_optimizer", lambda lr=1e-3, grad_clip=None: real(1.1 * lr, grad_clip))
-    net = report.SAMPLER_NET.label
+    net = SAMPLER_NET.label
     for component in (f"adam 10 steps, each from torch's state: params {net}",
                       f"adam 10 steps, torch's grads -> optax: params {net}"):
         row = _run(fresh_ctx, component)
         assert not row.passed, row.message()
+
+
+def test_output_just_beyond_its_tolerance_fails(monkeypatch, fresh_ctx):
+    """A jax_ddpm output off by 3x its tolerance fails, by 0.3x passes: the row applies the table's value."""
+    case = find_case("unet forward train 1ch 16px b4 f8-64")
+    tol = case.tolerance(fresh_ctx.device)
+    real = jax_side.fns
+
+    def scaled(factor: float):
+        def fns(ctx, net):
+            f = real(ctx, net)
+
+            def fwd_train(v, x, t):
+                eps, mutated = f.fwd_train(v, x, t)
+                return eps * (1 + factor * tol), mutated
+
+            return SimpleNamespace(**{**vars(f), "fwd_train": fwd_train})
+
+        return fns
+
+    for factor, passes in ((3.0, False), (0.3, True)):
+        monkeypatch.setattr(jax_side, "fns", scaled(factor))
+        row = run_case(fresh_ctx, case)
+        assert row.passed is passes and row.tol == tol, row.message()
+
+
+# ----------------------------------------------------------------------------- the references' adapters
+
+
+def test_torch_adapter_wrong_schedule_buffer_fails(monkeypatch, fresh_ctx):
+    """The torch_ref adapter handing over alphas_cumprod_prev as alphas_cumprod: only the 'vs torch' row fails."""
+    adapter = REFERENCES["torch"]
+    real = adapter.schedule
+    monkeypatch.setattr(adapter, "schedule", lambda ctx, kind, timesteps: (
+        lambda s: {**s, "alphas_cumprod": s["alphas_cumprod_prev"]})(real(ctx, kind, timesteps)))
+    _fails(_run(fresh_ctx, "schedule linear T=100 vs torch"))
+    row = _run(fresh_ctx, "schedule linear T=100 vs oracle")
+    assert row.passed, row.message()
+
+
+def test_torch_adapter_shifted_timestep_fails(monkeypatch, fresh_ctx):
+    """The torch_ref adapter's forward feeding t + 1 to the U-Net."""
+    adapter = REFERENCES["torch"]
+    real = adapter.forward
+    monkeypatch.setattr(adapter, "forward", lambda ctx, model, x, t, train: real(ctx, model, x, np.asarray(t) + 1,
+                                                                                  train))
+    _fails(_run(fresh_ctx, "unet forward eval 1ch 16px b4 f8-64"))
+
+
+@pytest.mark.slow
+def test_torch_adapter_chain_without_clip_fails(monkeypatch, fresh_ctx):
+    """The torch_ref adapter's chain dropping clip_denoised."""
+    adapter = REFERENCES["torch"]
+    real = adapter.sample
+    monkeypatch.setattr(adapter, "sample", lambda ctx, model, sampler, kind, T, x_T, noise, variance, clip: real(
+        ctx, model, sampler, kind, T, x_T, noise, variance, False))
+    row = _run(fresh_ctx, "chain 100 steps ddpm beta_tilde clip cosine: x0")
+    assert not row.passed, row.message()
+
+
+def test_oracle_adapter_exact_argument_for_float32_fails(monkeypatch, fresh_ctx):
+    """The oracle adapter evaluating the 'embedding' row at the exact argument: 'vs oracle' fails, 'vs exact' holds."""
+    real = oracle_ref.sinusoidal_embedding
+    monkeypatch.setattr(oracle_ref, "sinusoidal_embedding", lambda t, dim, float32_argument=False: real(t, dim))
+    _fails(_run(fresh_ctx, "embedding dim=32 t<1000 vs oracle"), 10)
+    row = _run(fresh_ctx, "embedding dim=32 t<1000 vs exact (fp32 argument)")
+    assert row.passed, row.message()
+
+
+def test_oracle_adapter_ignoring_clip_fails(monkeypatch, fresh_ctx):
+    """The oracle adapter's reverse step dropping clip_denoised: the clip row fails, the unclipped one holds."""
+    adapter = REFERENCES["oracle"]
+    real = adapter.p_mean_variance
+    monkeypatch.setattr(adapter, "p_mean_variance", lambda ctx, kind, T, eps, x_t, t, variance, clip: real(
+        ctx, kind, T, eps, x_t, t, variance, False))
+    _fails(_run(fresh_ctx, "reverse-step mean/var cosine T=100 beta_tilde clip vs oracle"))
+    row = _run(fresh_ctx, "reverse-step mean/var cosine T=100 beta_tilde vs oracle")
+    assert row.passed, row.message()
+
+
+def _silently_dropped() -> list[str]:
+    return [c.component for c in CASES if not c.supported()]
+
+
+def test_no_case_is_dropped_by_its_reference(monkeypatch, fresh_ctx):
+    """Every listed case runs; an adapter that stops supporting a component is caught, and its row fails."""
+    assert _silently_dropped() == []
+    monkeypatch.setattr(type(REFERENCES["torch"]), "components", REFERENCES["torch"].components - {"forward"})
+    dropped = _silently_dropped()
+    assert dropped and all(c.startswith("unet forward") for c in dropped), dropped
+    row = _run(fresh_ctx, dropped[0])
+    assert not row.passed and "does not support 'forward'" in row.note, row.message()
+
+
+# ----------------------------------------------------------------------------- the tolerance table
+
+# The loosest tolerance any row may have, per metric: beyond these a row stops being a
+# parity check (a 1% error in a chain or a step is a bug, not float noise).
+CAPS = {"abs": 1e-2, "rel": 1e-2, "frac": 1e-2}
+# Closed forms are elementwise fp32 on both devices: their tolerance is a few ulps, not more.
+CLOSED_FORM_CAP = 2e-4
+
+
+def _too_loose(table: dict) -> list[str]:
+    """Every case's tolerance on every device, against its cap; names what is missing or too loose."""
+    problems = []
+    for case in CASES:
+        for device in tolerances.TOL_DEVICES:
+            key = (case.key, case.reference, case.dtype, device)
+            if key not in table:
+                problems.append(f"{case.component}: no tolerance {key}")
+                continue
+            cap = CLOSED_FORM_CAP if case.group in ("schedule", "q_sample", "embedding", "posterior") else \
+                CAPS[case.metric]
+            if not 0 <= table[key] <= cap:
+                problems.append(f"{case.component}: {key} = {table[key]} beyond {cap}")
+    return problems
+
+
+def test_every_case_has_a_sane_tolerance_for_its_reference():
+    assert _too_loose(tolerances.TOLERANCES) == []
+    for case in CASES:
+        assert case.key in COMPONENTS and case.metric in METRICS, case.component
+        assert case.tol["cuda"] >= case.tol["cpu"], case.component  # CUDA is never held tighter than the CPU
+    used = {(c.key, c.reference, c.dtype, d) for c in CASES for d in tolerances.TOL_DEVICES}
+    assert set(tolerances.TOLERANCES) == used  # no entry without a case
+
+
+def test_a_too_loose_or_missing_tolerance_is_caught():
+    loose = {**tolerances.TOLERANCES, ("forward", "torch", "float32", "cpu"): 0.5}
+    assert [p.split(":")[0] for p in _too_loose(loose)] == [c.component for c in CASES if c.key == "forward"]
+    missing = {k: v for k, v in tolerances.TOLERANCES.items() if k[1] != "oracle"}
+    assert len(_too_loose(missing)) == 2 * sum(c.reference == "oracle" for c in CASES)
+    with pytest.raises(KeyError, match="no tolerance for component 'forward' vs reference 'oracle'"):
+        tolerances.tolerance("forward", "oracle", "float32", "cpu")

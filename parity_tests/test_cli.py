@@ -1,12 +1,20 @@
-"""``jax-ddpm parity``: options, exit codes (0 pass, 1 a check failed, 2 bad input), JSON."""
+"""``jax-ddpm parity`` and ``python -m parity_tests``: options, exit codes (0 pass, 1 a check
+failed, 2 bad input), JSON."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from jax_ddpm import cli, schedules
-from parity_tests import report
+from parity_tests import cli as parity_cli
+from parity_tests.cases import CASES
+from parity_tests.context import cuda_unavailable_reason
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parity(*args: str) -> int:
@@ -25,7 +33,7 @@ def test_bad_options_exit_2_with_one_line(capsys, args, needle):
     assert err.count("\n") == 1 and needle in err and err.startswith("jax-ddpm parity: error:"), err
 
 
-@pytest.mark.skipif(report.cuda_unavailable_reason() is None, reason="a GPU is present")
+@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="a GPU is present")
 def test_cuda_without_gpu_exit_2(capsys):
     assert _parity("--device", "cuda") == 2
     err = capsys.readouterr().err
@@ -65,6 +73,23 @@ def test_failing_check_exits_1(monkeypatch, capsys):
 
 
 def test_every_case_has_a_tolerance_for_every_device():
-    for case in report.CASES:
+    for case in CASES:
         assert set(case.tol) == {"cpu", "cuda"} and case.metric in ("abs", "rel", "frac"), case.component
-    assert len({c.component for c in report.CASES}) == len(report.CASES)  # names are unique
+    assert len({c.component for c in CASES}) == len(CASES)  # names are unique
+
+
+def test_the_package_entry_point_is_the_same_command(tmp_path, capsys):
+    """``parity_tests.cli.main`` (the ``jax_ddpm.commands`` entry point) behaves as ``jax-ddpm parity``."""
+    assert parity_cli.main(["--bogus"]) == 2
+    assert capsys.readouterr().err == "jax-ddpm parity: error: unrecognized arguments: --bogus\n"
+    out = tmp_path / "run.json"
+    assert parity_cli.main(["--device", "cpu", "--json", str(out), "--only", "schedule linear T=10 vs oracle"]) == 0
+    assert "| schedule linear T=10 vs oracle |" in capsys.readouterr().out
+    assert [r["component"] for r in json.loads(out.read_text())["rows"]] == ["schedule linear T=10 vs oracle"]
+
+
+def test_python_m_parity_tests_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "parity_tests", "--device", "tpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "jax-ddpm parity: error: --device must be one of auto, cpu, cuda, got 'tpu'"

@@ -5,10 +5,11 @@ Chains are compared on the clamped output and on every step's state (unclamped).
 """
 import pytest
 
-from parity_tests import report
+from parity_tests.cases import pytest_params
+from parity_tests.core import run_case
 
 
-@pytest.mark.parametrize("case", report.pytest_params("sampler"))
+@pytest.mark.parametrize("case", pytest_params("sampler"))
 def test_sampler(parity_ctx, case):
-    row = report.run_case(parity_ctx, case)
+    row = run_case(parity_ctx, case)
     assert row.passed, row.message()

@@ -1,14 +1,16 @@
 """10 training steps on the same batches, t and noise: Adam (each step from torch's state,
 and the optimiser alone on torch's gradients) and the SGD control run (slow).
 
-Why the Adam parameter row counts elements instead of taking a max: see ``report.TOL``.
+Why the Adam parameter row counts elements instead of taking a max: see ``tolerances.py``
+(the ``adam_step_params`` entry).
 """
 import pytest
 
-from parity_tests import report
+from parity_tests.cases import pytest_params
+from parity_tests.core import run_case
 
 
-@pytest.mark.parametrize("case", report.pytest_params("train"))
+@pytest.mark.parametrize("case", pytest_params("train"))
 def test_train_steps(parity_ctx, case):
-    row = report.run_case(parity_ctx, case)
+    row = run_case(parity_ctx, case)
     assert row.passed, row.message()

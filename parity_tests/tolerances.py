@@ -1,0 +1,122 @@
+"""Tolerances keyed by (component, reference, dtype, device), each with its derivation.
+
+A tolerance applies to the case's ``metric`` (abs, rel or frac; ``parity_tests/core.py``).
+The measured values (CPU, this repository's latest runs in parity_tests/results/, *-r2)
+are in the comments. CUDA tolerances are looser where cuDNN/cuBLAS and XLA:GPU pick
+different algorithms and reduction orders (Winograd/implicit-GEMM convolutions, split-K,
+tree and atomic reductions for the BatchNorm statistics and the weight gradients) -- still
+fp32 with TF32 off, so the loss of agreement is a few ulps per reduction, amplified by
+BatchNorm's 1/std on small batches and by the chain's 1/sqrt(alpha_t). Elementwise closed
+forms (schedules computed on the host, q_sample, the embedding) keep the CPU tolerances:
+IEEE fp32 on both devices (an FMA contraction changes at most one rounding; CUDA's
+sinf/cosf are within 2 ulp).
+
+Every row today is float32 (jax_ddpm's compute dtype). A new reference, dtype or device
+adds its own entries here, with their derivation: ``tolerance()`` never falls back.
+"""
+from __future__ import annotations
+
+TOL_DEVICES = ("cpu", "cuda")  # the table's device column (Context.device)
+
+TOLERANCES: dict[tuple[str, str, str, str], float] = {}
+
+
+def _entry(component: str, references: tuple[str, ...], *, cpu: float, cuda: float, dtype: str = "float32") -> None:
+    """Adds (component, reference, dtype, device) -> tol for each reference and both devices."""
+    for ref in references:
+        for device, tol in (("cpu", cpu), ("cuda", cuda)):
+            key = (component, ref, dtype, device)
+            if key in TOLERANCES:
+                raise ValueError(f"duplicate tolerance {key}")
+            TOLERANCES[key] = tol
+
+
+def tolerance(component: str, reference: str, dtype: str, device: str) -> float:
+    """The tolerance for ``component`` against ``reference`` at ``dtype`` on ``device``.
+
+    Raises:
+      KeyError: the table has no such combination; the message lists what it has for
+        ``component``.
+    """
+    try:
+        return TOLERANCES[(component, reference, dtype, device)]
+    except KeyError:
+        have = sorted(k[1:] for k in TOLERANCES if k[0] == component)
+        raise KeyError(f"no tolerance for component {component!r} vs reference {reference!r}, dtype {dtype}, "
+                       f"device {device}; the table has {have or 'nothing'} for it "
+                       f"(add one, with its derivation, to parity_tests/tolerances.py)") from None
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+# schedules: float64 -> float32 once, so <= 2^-24 = 6.0e-8 elementwise vs the oracle;
+# measured 5.9e-8 vs oracle, 0 vs torch.
+_entry("schedule", ("oracle", "torch"), cpu=1e-7, cuda=1e-7)
+# q_sample: |x_t| <= 5, three fp32 roundings: measured <= 2.9e-7 (oracle), 2.4e-7 (torch).
+_entry("q_sample", ("oracle", "torch"), cpu=1e-6, cuda=1e-6)
+# embedding vs torch / vs the fp32-argument oracle: measured 6.0e-8 / 3.2e-8.
+_entry("embedding", ("torch", "oracle"), cpu=1e-6, cuda=1e-6)
+# vs exact math: the argument t*f_k rounds in fp32 (torch_ref too): <= T*2^-24*(2+2/e)
+# = 1.63e-4 at T = 1000; measured 3.0e-5. Not a jax_ddpm error: torch_ref shows the same.
+_entry("embedding_exact", ("oracle",), cpu=1.7e-4, cuda=1.7e-4)
+# reverse-step mean and variance vs the float64 oracle, rel to scale; measured <= 1.1e-7.
+_entry("posterior", ("oracle",), cpu=1e-6, cuda=1e-6)
+
+# ----------------------------------------------------------------------------- the network
+
+_entry("forward", ("torch",), cpu=1e-5, cuda=1e-4)   # rel to output scale; measured <= 1.7e-6 (train), 3.7e-7 (eval)
+_entry("bn_stats", ("torch",), cpu=1e-6, cuda=1e-5)  # per tensor rel; measured <= 8.1e-7 (worst: up1 running_mean)
+_entry("loss", ("torch",), cpu=1e-6, cuda=1e-5)      # |a-b|/|b|; measured <= 4.8e-7
+# per tensor rel; measured <= 8.6e-6 (chapter width; 7.8e-6 before the strided convolutions'
+# custom gradients, parity_tests/results/2026-11-30-cpu-full.* against ...-29-cpu-full-r2.*)
+_entry("grads", ("torch",), cpu=1e-4, cuda=1e-3)
+
+# ----------------------------------------------------------------------------- training
+
+# Adam(1e-3), 10 steps. The 1e-5 goal holds for the optimiser alone (torch's gradients
+# fed to optax): measured 8.4e-6, of which 6.4e-6 is optax's own rounding -- its moment
+# update uses (1 - b2) in float64 while the bias correction 1 - b2**t is float32, and
+# float32(0.999) is 1.3e-8 off, i.e. 1.3e-5 relative to 1 - b2; nu_hat is 1.3e-5 high and
+# every update 6.4e-6 small (torch does both in float64). Tolerance 2e-5: the per-update
+# bound, with room for updates of opposite sign.
+_entry("adam_same_grads", ("torch",), cpu=2e-5, cuda=2e-5)
+# Adam's parameters after each step started from torch's state: the 1e-5 rel goal holds
+# for all but a few elements, and cannot hold for those in fp32. Adam maps a gradient
+# component g to about lr*g/(|g|+eps), eps = 1e-8: a component that is ~0 in exact
+# arithmetic carries 1e-9..1e-8 of float noise that differs between two correct programs
+# (the gradients agree to 1e-5 of each tensor's scale, see the grads rows), and its update
+# then differs by up to 2 lr |dg|/(|dg|+eps) -- measured 4e-4 (0.4 lr). So the metric is
+# 'frac': the fraction of elements beyond 1e-5 rel (per tensor scale); and every one of
+# them must have |torch grad| <= 1e-6 = 100 eps, else the row fails. Measured 1.2e-4
+# (30 of 247113 elements, step 1). A wrong lr, b1, b2 or bias correction moves nearly
+# every element. Free-running, the shifted elements feed back: params 2e-3 abs, losses
+# 5e-4 rel at step 10 (in the notes); SGD, without this amplification, stays tight.
+_entry("adam_step_params", ("torch",), cpu=1e-3, cuda=1e-2)
+ADAM_GOAL = 1e-5        # per tensor rel, the issue's goal for parameters after Adam steps
+ADAM_GRAD_REL = 1e-4    # gradient noise allowed per tensor (the grads tolerance), relative to max |grad|
+# SGD(0.1), 10 steps free-running (the control): the accumulated update p_i - p_0 per
+# tensor rel; loss |a-b|/|b|. Measured 1.8e-4 / 3.1e-7.
+_entry("sgd_update", ("torch",), cpu=5e-4, cuda=5e-3)
+_entry("sgd_loss", ("torch",), cpu=1e-5, cuda=1e-4)
+
+# ----------------------------------------------------------------------------- sampling
+
+# one reverse step, abs (goal 1e-3): measured <= 1.9e-5 (|x| up to 70 at i = 99, cosine's
+# beta = 0.999 makes 1/sqrt(alpha) = 31.6).
+_entry("sampler", ("torch",), cpu=1e-3, cuda=1e-3)
+# whole chain, clamped x_0, abs (goal 1e-3): measured 2.1e-4 (ddpm: the barely trained
+# model lets the cosine chain grow to |x| ~ 3e3; 1e-7 of that lands in the few pixels
+# that end inside +-1), 8.1e-7 (clip_denoised), 1.2e-6 (linear: 46% clamped), 0
+# (chapter_sample: all clamped). CUDA
+# 1e-2: its 10x looser forward scales that directly.
+_entry("chain_x0", ("torch",), cpu=1e-3, cuda=1e-2)
+# whole chain, every step's state rel to its scale: the chain is not chaotic, the
+# relative error stays ~1e-6 while |x_t| grows (to 3e3 for the barely trained model,
+# 1e33 for chapter_sample, E2); measured <= 2.1e-6 (1000 steps; 100 steps: <= 8.2e-7).
+_entry("chain_trajectory", ("torch",), cpu=1e-5, cuda=1e-4)
+
+# ----------------------------------------------------------------------------- weights
+
+_entry("round_trip", ("torch",), cpu=0.0, cuda=0.0)  # exact
+
+__all__ = ["ADAM_GOAL", "ADAM_GRAD_REL", "TOLERANCES", "TOL_DEVICES", "tolerance"]
