@@ -8,6 +8,7 @@ too-loose or missing entry is caught.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_ddpm import convert, diffusion, schedules, training
+from jax_ddpm import convert, diffusion, samplers, schedules, training
+from jax_ddpm.models import registry
 from jax_ddpm.models import SinusoidalPositionEmbeddings, TorchBatchNorm, chapter_unet
 from parity_tests import jax_side, tolerances
 from parity_tests.cases import CASES, find_case
@@ -230,6 +232,45 @@ def test_no_case_is_dropped_by_its_reference(monkeypatch, fresh_ctx):
     assert dropped and all(c.startswith("unet forward") for c in dropped), dropped
     row = _run(fresh_ctx, dropped[0])
     assert not row.passed and "does not support 'forward'" in row.note, row.message()
+
+
+# ----------------------------------------------------------------------------- the registries
+
+
+def test_architecture_weight_table_with_swapped_statistics_fails(monkeypatch, fresh_ctx):
+    """The registry's weight table is what moves weights: one whose up2 BatchNorm maps torch's
+    running_mean onto flax's var (and back) still loads, and the eval-mode forward row goes red."""
+    arch = registry.get_arch("chapter")
+    real = arch.weight_table
+
+    def swapped(config=None):
+        rows = []
+        for name, path, layout in real(config):
+            if name == "up2.bnorm.running_mean":
+                path = path[:-1] + ("var",)
+            elif name == "up2.bnorm.running_var":
+                path = path[:-1] + ("mean",)
+            rows.append((name, path, layout))
+        return rows
+
+    monkeypatch.setitem(registry.ARCHITECTURES, "chapter", dataclasses.replace(arch, weight_table=swapped))
+    row = _run(fresh_ctx, "unet forward eval 1ch 16px b4 f8-64")
+    # a negative running mean read as a variance gives NaN: red either way
+    assert not row.passed and not row.measured <= 10 * row.tol, row.message()
+    row = _run(fresh_ctx, "unet forward train 1ch 16px b4 f8-64")  # training mode never reads them
+    assert row.passed, row.message()
+
+
+def test_sampler_registry_entry_with_the_wrong_variance_fails(monkeypatch, fresh_ctx):
+    """The name 'ddpm' resolves through the sampler registry: an entry that ignores ``variance``
+    (always beta) turns the beta_tilde chain's trajectory red (its x0 is clamped at +-1 either way)."""
+    real = samplers.get_sampler("ddpm")
+
+    def beta_only(eps_fn, schedule, x_T, noise, variance="beta_tilde", clip_denoised=False):
+        return real(eps_fn, schedule, x_T, noise, variance="beta", clip_denoised=clip_denoised)
+
+    monkeypatch.setitem(samplers._SAMPLERS, "ddpm", beta_only)
+    _fails(_run(fresh_ctx, "chain 100 steps ddpm beta_tilde cosine: trajectory"), factor=2)  # measured 4.3x
 
 
 # ----------------------------------------------------------------------------- the tolerance table
