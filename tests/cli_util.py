@@ -33,6 +33,16 @@ def train_cmd(workdir, *more, steps: int = SHARED_STEPS, every: int = SHARED_EVE
             "--steps", str(steps), "--checkpoint-every", str(every), *more]
 
 
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_runner.py")
+
+
+def runner_cmd(cmd: list[str], nan_at_step: int | None = None, step_delay: float | None = None) -> list[str]:
+    """``cmd`` (from :func:`train_cmd`) run through ``tests/train_runner.py`` with its test hooks."""
+    hooks = ([] if nan_at_step is None else ["--nan-at-step", str(nan_at_step)]) + \
+            ([] if step_delay is None else ["--step-delay", str(step_delay)])
+    return [sys.executable, RUNNER, *hooks, *cmd[3:]]
+
+
 def shared_run(tmp_path_factory):
     """The session's one uninterrupted tiny run (trained on first use, then reused read-only)."""
     workdir = tmp_path_factory.getbasetemp() / "shared_tiny_run"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_util import cli_env, shared_run, train_cmd
+from cli_util import cli_env, runner_cmd, shared_run, train_cmd
 from jax_ddpm import checkpoint as ckpt
 from jax_ddpm.cli import main
 
@@ -54,13 +54,19 @@ def trained(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- options
 @pytest.mark.parametrize("options,needle", [
-    (["--timesteps", "0"], "--timesteps must be a positive integer, got 0"),
+    (["--timesteps", "0"], "--timesteps must be an integer >= 2, got 0"),
+    (["--timesteps", "1"], "--timesteps must be an integer >= 2, got 1"),  # one step has no posterior
     (["--schedule", "quadratic"], "--schedule: invalid choice: 'quadratic'"),
     (["--image-size", "12"], "--image-size must be a positive multiple of 8"),
     (["--image-size", "0"], "--image-size must be a positive multiple of 8"),
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["--batch-size", "-8"], "--batch-size must be a positive integer, got -8"),
-    (["--features", "8,16"], "--features must be 4 comma-separated"),
+    (["--features", "8,16"], "--features: the chapter's U-Net has four levels"),
+    (["--features", "1,2,3"], "--features: the chapter's U-Net has four levels: 4 positive integers, got 1,2,3"),
+    (["--features", "8,x,8,8"], "--features must be comma-separated positive integers"),
+    (["--features", "8,0,8,8"], "--features must be comma-separated positive integers"),
+    (["--time-emb-dim", "3"], "--time-emb-dim: must be an even integer >= 4, got 3"),
+    (["--arch", "unet9"], "--arch: invalid choice: 'unet9'"),
     (["--lr", "0"], "--lr must be in (0, inf)"),
     (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
     (["--steps", "0"], "--steps must be a positive integer"),
@@ -132,8 +138,30 @@ def test_sample_without_checkpoint(workdir, tmp_path, capsys):
 def test_sample_bad_out_and_missing_step(trained, tmp_path, capsys):
     assert "must end in .png or .npz" in _fails(["sample", "--workdir", str(trained), "--out",
                                                   str(tmp_path / "x.jpg")], capsys)
-    err = _fails(["sample", "--workdir", str(trained), "--out", str(tmp_path / "x.png"), "--steps", "7"], capsys)
-    assert "--steps 7: no checkpoint for this step" in err and "have 40, 50, 60" in err
+    err = _fails(["sample", "--workdir", str(trained), "--out", str(tmp_path / "x.png"), "--checkpoint-step", "7"],
+                 capsys)
+    assert "--checkpoint-step 7: no checkpoint for this step" in err and "have 40, 50, 60" in err
+
+
+@pytest.mark.parametrize("command,out", [("sample", "x.png"), ("convert", "m.safetensors")])
+def test_deprecated_steps_warns_then_works_like_checkpoint_step(trained, tmp_path, capsys, command, out):
+    code = main([command, "--workdir", str(trained), "--out", str(tmp_path / out), "--steps", "7"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 2, lines
+    assert lines[0] == f"jax-ddpm {command}: warning: --steps is deprecated, use --checkpoint-step"
+    assert "--checkpoint-step 7: no checkpoint for this step" in lines[1] and "Traceback" not in lines[1]
+    code = main([command, "--workdir", str(trained), "--out", str(tmp_path / out), "--steps", "7",
+                 "--checkpoint-step", "50"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 2 and "deprecated" in lines[0], lines
+    assert "--steps 7 and --checkpoint-step 50 disagree" in lines[1]
+
+
+def test_checkpoint_step_picks_the_checkpoint(trained, tmp_path, capsys):
+    assert main(["sample", "--workdir", str(trained), "--out", str(tmp_path / "x.npz"), "--num", "2",
+                 "--checkpoint-step", "50"]) == 0
+    captured = capsys.readouterr()
+    assert "from step 50" in captured.out and "deprecated" not in captured.err
 
 
 def test_convert_needs_one_direction(tmp_path, capsys):
@@ -168,7 +196,7 @@ def test_deleted_metadata(trained, tmp_path, capsys):
 # ----------------------------------------------------------------------------- NaN
 def test_nan_loss_stops_with_status_3(tmp_path, tmp_path_factory):
     wd = tmp_path / "nan"
-    done = subprocess.run(train_cmd(wd, steps=20, every=5), env=cli_env(tmp_path_factory, JAX_DDPM_DEBUG_NAN_AT_STEP=7),
+    done = subprocess.run(runner_cmd(train_cmd(wd, steps=20, every=5), nan_at_step=7), env=cli_env(tmp_path_factory),
                           capture_output=True, timeout=400)
     err = done.stderr.decode().strip()
     assert done.returncode == 3, err

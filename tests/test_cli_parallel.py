@@ -40,7 +40,7 @@ import jax
 import numpy as np
 import pytest
 
-from cli_util import TINY, cli_env, shared_run, train_cmd
+from cli_util import TINY, cli_env, runner_cmd, shared_run, train_cmd
 from jax_ddpm import checkpoint as ckpt
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -160,7 +160,7 @@ def test_four_devices_train_end_to_end(four_device_run):
 
 def test_one_device_process_loads_a_four_device_checkpoint(four_device_run):
     """What ``jax-ddpm sample`` and ``convert`` read, in this 1-device pytest process."""
-    from jax_ddpm.train_loop import load_run
+    from jax_ddpm.app.workdir import load_run
 
     run = load_run(str(four_device_run[0]))
     assert run.step == 10 and run.meta["parallel"]["num_devices"] == DEVICES
@@ -249,13 +249,16 @@ def _free_port() -> int:
 
 
 def _two_processes(tmp_path_factory, workdir, steps: int, every: int, interrupt_at: int | None = None,
-                   **env) -> list[tuple[int, str]]:
+                   step_delay: float | None = None, **env) -> list[tuple[int, str]]:
     """``jax-ddpm train --distributed`` in two processes, 2 CPU devices each; [(status, stderr)].
 
     ``interrupt_at``: once checkpoint ``interrupt_at`` is finalized, SIGINT process 1 only.
+    ``step_delay``: seconds each process sleeps after a step (tests/train_runner.py).
     """
     port = _free_port()
-    procs = [subprocess.Popen(_loud(train_cmd(workdir, "--distributed", steps=steps, every=every)),
+    cmd = _loud(train_cmd(workdir, "--distributed", steps=steps, every=every))
+    cmd = cmd if step_delay is None else runner_cmd(cmd, step_delay=step_delay)
+    procs = [subprocess.Popen(cmd,
                               env=_env(tmp_path_factory, devices=2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                                        JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i, **env),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
@@ -285,7 +288,7 @@ def test_two_processes_train_resume_and_stop_together(tmp_path, tmp_path_factory
     # Resume in two processes (restored replicated over both); Ctrl-C reaches process 1 only:
     # both stop at the next logging step, save a checkpoint there together and exit 130.
     results = _two_processes(tmp_path_factory, workdir, steps=60, every=5, interrupt_at=15,
-                             JAX_DDPM_DEBUG_STEP_DELAY=0.1)
+                             step_delay=0.1)
     assert [rc for rc, _ in results] == [130, 130], results[0][1][-3000:] + results[1][1][-3000:]
     assert "Traceback" not in results[0][1] + results[1][1]
     saved = int(results[0][1].split("saved checkpoint ")[1].split()[0])

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from cli_util import SHARED_STEPS as STEPS, cli_env, shared_run, train_cmd
+from cli_util import SHARED_STEPS as STEPS, cli_env, runner_cmd, shared_run, train_cmd
 from jax_ddpm import checkpoint as ckpt
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -64,16 +64,18 @@ def reference_run(tmp_path_factory):
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path, tmp_path_factory, reference_run):
     workdir = tmp_path / "killed"
-    env = cli_env(tmp_path_factory, JAX_DDPM_DEBUG_STEP_DELAY="0.03")  # ~2 s of steps: room to kill mid-run
+    env = cli_env(tmp_path_factory)
+    delay = 0.03  # seconds after each step (tests/train_runner.py): ~2 s of steps, room to kill mid-run
     # Kill 1: as soon as the first checkpoint is finalized (training is under way).
-    proc = subprocess.Popen(train_cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(runner_cmd(train_cmd(workdir), step_delay=delay), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     seen = _kill_when(proc, workdir, 1, 0.0)
     assert proc.returncode == -signal.SIGKILL and STEPS not in seen
     # Interrupt 2: a resumed run gets Ctrl-C (SIGINT) a moment after its next checkpoint; it
     # saves a checkpoint at the step it reached and exits with status 130. It also asks for
     # more steps: --steps may change on resume.
-    proc = subprocess.Popen(train_cmd(workdir, steps=STEPS + 20), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(runner_cmd(train_cmd(workdir, steps=STEPS + 20), step_delay=delay), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen2 = _kill_when(proc, workdir, len(seen) + 1, 0.07, sig=signal.SIGINT)
     err = proc.stderr.read().decode()
     assert proc.returncode == 130, err

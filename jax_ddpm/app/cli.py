@@ -1,0 +1,338 @@
+"""The ``jax-ddpm`` command: thin parse -> validate (``app.config``) -> call (``app.train``,
+``app.sample``, ``app.convert``).
+
+Exit status: 0 done; 2 bad input (one line on stderr, ``jax-ddpm: error: ...``);
+3 the loss became NaN/inf (training stopped, last good checkpoint kept); 130 interrupted
+(Ctrl-C; ``train`` saves a checkpoint first).
+
+Commands that need more than jax_ddpm (``parity``, ``bench``: torch) are not imported from
+here: they are entry points of the group ``jax_ddpm.commands`` (pyproject.toml), looked up
+by name with ``importlib.metadata`` and called as ``main(argv) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata
+from typing import Sequence
+
+from ..models.registry import ARCH_NAMES, ARCHITECTURES, DEFAULT_ARCH
+from .config import (BN_STATS, CHANNELS, DTYPES, LAYOUTS, MIN_TIMESTEPS, SAMPLERS, SCHEDULES, ConfigError,
+                     DiffusionConfig, ModelConfig, OptimConfig, SampleConfig, TrainConfig, convert_config_from_args,
+                     default_size_multiple, sample_config_from_args, train_config_from_args)
+from .console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NONFINITE, PROG, error, note, warning
+from .sample import MIN_BATCH_STATS
+
+COMMAND_GROUP = "jax_ddpm.commands"  # entry points: name -> main(argv) -> int
+EXTERNAL_COMMANDS = {  # the ones this project installs with its test extra (help text for `jax-ddpm --help`)
+    "parity": "print the JAX vs PyTorch parity report (needs torch); 'jax-ddpm parity --help' for its options",
+    "bench": "run the JAX vs PyTorch benchmarks (needs torch); 'jax-ddpm bench --help' for its options",
+}
+BUILTIN_COMMANDS = ("train", "sample", "convert")
+
+DESCRIPTION = """\
+A functional JAX/Flax DDPM (Ho et al. 2020) that mirrors a textbook chapter's PyTorch code.
+
+  jax-ddpm train   --workdir runs/digits            train on scikit-learn's digits (or --data)
+  jax-ddpm sample  --workdir runs/digits --out x.png  sample with the EMA weights
+  jax-ddpm convert --workdir runs/digits --out m.safetensors   export for torch_ref
+  jax-ddpm parity ...   the parity report (needs torch)
+  jax-ddpm bench ...    the JAX vs PyTorch benchmarks (needs torch)
+
+Run 'jax-ddpm COMMAND --help' for a command's options.
+Exit status: 0 ok, 2 bad input, 3 loss became NaN (train), 130 interrupted."""
+
+TRAIN_EPILOG = """\
+The work folder gets config.json, metrics.jsonl (step, loss, images/s, lr), loss.png,
+samples/step_N.png (every --sample-every steps), samples.png (at the end) and
+checkpoints/N/ (orbax: params, BatchNorm statistics, optimizer state, EMA params, step,
+RNG key, data position). Running the same command again resumes from the latest complete
+checkpoint and reproduces an uninterrupted run bit for bit (CPU); only --steps,
+--checkpoint-every, --keep-checkpoints, --sample-every, --num-samples, --log-every and
+--quiet may change, and so may the devices and --xla-flags (other XLA flags may round
+differently, so bit for bit only with the same ones; config.json records the XLA_FLAGS of
+the latest session). Ctrl-C saves a checkpoint and exits with status 130.
+
+Devices: training is data-parallel over every device JAX sees (jax.sharding, one 'data'
+mesh axis): --batch-size is the global batch, each device gets an equal slice, and
+BatchNorm statistics are taken over the global batch, so N devices compute what one
+device computes with the same global batch. See docs/scaling.md."""
+
+BN_HELP = ("BatchNorm statistics while sampling: 'batch' normalises with the statistics of the sample batch "
+           f"(all images at the same t; use a batch of {MIN_BATCH_STATS} or more), 'running' is eval mode with the "
+           "running statistics. The chapter's U-Net applies one BatchNorm to two convolutions (erratum E5), so its "
+           "running statistics blend two layers' and eval-mode samples are poor")
+
+XLA_FLAGS_HELP = ("XLA flags added to XLA_FLAGS before JAX starts. 'auto': "
+                  "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution (XLA:CPU's own "
+                  "convolutions instead of YNNPACK's, faster on CPU: measured in benchmarks/README.md) when "
+                  "this jaxlib accepts it, checked by starting JAX once in a subprocess, and unless XLA_FLAGS "
+                  "already sets that option; 'none': XLA_FLAGS as it is; anything else: added as given, after "
+                  "the same check (write --xla-flags=--xla_...)")
+
+CHECKPOINT_STEP_HELP = "checkpoint step to {what} (default: the latest)"
+DEPRECATED_STEPS_HELP = "deprecated spelling of --checkpoint-step (kept for one release)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``jax-ddpm train: error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)`` after every option that has a meaningful default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is not None and default is not argparse.SUPPRESS and not isinstance(default, bool) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_train_data(p, m: ModelConfig) -> None:
+    g = p.add_argument_group("work folder")
+    g.add_argument("--workdir", required=True, metavar="DIR",
+                   help="folder for checkpoints, config, metrics, plots and samples; an existing run there is resumed")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits", metavar="SOURCE",
+                   help="'digits' (scikit-learn's 1,797 8x8 digits, no download), a folder of PNG/JPEG images, "
+                        "or an .npz/.npy file of uint8 images (the array 'images' or the only array)")
+    g.add_argument("--layout", default="auto", choices=LAYOUTS,
+                   help="axis order of an .npz/.npy file: [N,H,W,C] or [N,C,H,W]; 'auto' infers it only when "
+                        "exactly one of axis 1 and axis 3 has 1 or 3 entries")
+    multiples = ", ".join(f"{name}: {default_size_multiple(name)}" for name in ARCH_NAMES)
+    g.add_argument("--image-size", type=int, default=m.image_size, metavar="S",
+                   help="images are resized (shorter side) and center-cropped to S x S; a multiple of the "
+                        f"architecture's size multiple ({multiples})")
+    g.add_argument("--channels", type=int, default=m.channels, choices=CHANNELS,
+                   help="1 = grayscale, 3 = RGB (images are converted)")
+
+
+def _add_train_model(p, m: ModelConfig, d: DiffusionConfig) -> None:
+    g = p.add_argument_group("model and diffusion")
+    arches = "; ".join(f"{name}: {a.description}" for name, a in ARCHITECTURES.items())
+    g.add_argument("--arch", default=DEFAULT_ARCH, choices=ARCH_NAMES, help=f"the network ({arches})")
+    g.add_argument("--features", default=",".join(map(str, m.features)), metavar="F0,F1,...",
+                   help="channel widths, comma-separated positive integers; how many depends on --arch "
+                        "(chapter: 4, the chapter's own are 64,128,256,512)")
+    g.add_argument("--time-emb-dim", type=int, default=m.time_emb_dim, metavar="D",
+                   help="size of the sinusoidal time embedding (even)")
+    g.add_argument("--timesteps", type=int, default=d.timesteps, metavar="T",
+                   help=f"number of diffusion steps T, at least {MIN_TIMESTEPS} (the chain length when sampling)")
+    g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
+                   help="beta schedule: linear (Ho et al. 2020) or cosine (Nichol & Dhariwal 2021)")
+    g.add_argument("--dtype", default=m.dtype, choices=DTYPES,
+                   help="compute dtype of the network; parameters, optimizer state and the loss stay float32")
+
+
+def _add_train_optim(p, o: OptimConfig, t: TrainConfig) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=o.batch_size, metavar="B",
+                   help="images per optimizer step: the global batch over all devices, split evenly between them "
+                        "(a multiple of the device count; must not exceed the number of images)")
+    g.add_argument("--steps", type=int, default=t.steps, metavar="N",
+                   help="train until step N (counting from the start of the run, also on resume)")
+    g.add_argument("--lr", type=float, default=o.lr, help="Adam learning rate (constant)")
+    g.add_argument("--ema-decay", type=float, default=o.ema_decay,
+                   help="decay of the exponential moving average of the weights used for sampling; 0 = off")
+    g.add_argument("--grad-clip", type=float, default=o.grad_clip,
+                   help="clip the gradient's global norm to this value; 0 = no clipping")
+    g.add_argument("--seed", type=int, default=t.seed,
+                   help="seeds initialisation, the data order, the training noise and the sample grids")
+
+
+def _add_train_bookkeeping(p, t: TrainConfig) -> None:
+    g = p.add_argument_group("checkpoints, logging and samples")
+    g.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, metavar="N",
+                   help="save a checkpoint every N steps (and always at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=t.keep_checkpoints, metavar="K",
+                   help="keep the K most recent checkpoints")
+    g.add_argument("--sample-every", type=int, default=t.sample_every, metavar="N",
+                   help="write samples/step_N.png every N steps; 0 = only samples.png at the end")
+    g.add_argument("--num-samples", type=int, default=t.num_samples, metavar="N",
+                   help="images in each sample grid")
+    g.add_argument("--bn-stats", default=t.bn_stats, choices=BN_STATS, help=BN_HELP)
+    g.add_argument("--log-every", type=int, default=t.log_every, metavar="N",
+                   help="fetch the loss and append to metrics.jsonl every N steps (a host sync)")
+    g.add_argument("--quiet", action="store_true", help="no progress display or messages (errors still print)")
+    g = p.add_argument_group("devices")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run (jax.distributed.initialize) before using any device; start the "
+                        "same command on every host. Cloud TPU, SLURM and Open MPI are detected; elsewhere set "
+                        "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID (a set "
+                        "JAX_COORDINATOR_ADDRESS alone also turns this on). Without it, training still runs "
+                        "data-parallel over every device of this machine")
+    g.add_argument("--xla-flags", default="auto", metavar="FLAGS", help=XLA_FLAGS_HELP)
+
+
+def _add_train(sub) -> None:
+    t = TrainConfig(workdir="")
+    p = sub.add_parser("train", help="train a DDPM on images, with checkpoints and exact resume",
+                       description="Train a DDPM on images, checkpointing into --workdir.",
+                       epilog=TRAIN_EPILOG, formatter_class=HelpFormatter)
+    _add_train_data(p, t.model)
+    _add_train_model(p, t.model, t.diffusion)
+    _add_train_optim(p, t.optim, t)
+    _add_train_bookkeeping(p, t)
+
+
+def _add_checkpoint_step(p, what: str) -> None:
+    p.add_argument("--checkpoint-step", type=int, default=None, metavar="STEP",
+                   help=CHECKPOINT_STEP_HELP.format(what=what))
+    p.add_argument("--steps", type=int, default=None, metavar="STEP", help=DEPRECATED_STEPS_HELP)
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample images from a trained work folder (EMA weights)",
+                       description="Draw samples with the EMA weights of a checkpoint, the whole chain compiled "
+                                   "as one program.", formatter_class=HelpFormatter)
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a work folder written by 'jax-ddpm train'")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="FILE.png: one grid; FILE.npz: 'samples' float32 [N,H,W,C] in [-1,1] and 'images' uint8")
+    p.add_argument("--num", type=int, default=SampleConfig.num, metavar="N",
+                   help="number of images (ignored with --noise)")
+    p.add_argument("--seed", type=int, default=SampleConfig.seed, help="seeds x_T and the noise of every step")
+    p.add_argument("--sampler", default=SampleConfig.sampler, choices=SAMPLERS,
+                   help="ddpm: ancestral sampling, Ho et al. 2020 Algorithm 2 (posterior variance); chapter: the "
+                        "chapter's printed loop (errata E2, E3), for comparison only")
+    _add_checkpoint_step(p, "load")
+    p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
+                   help="do not clip the predicted x0 to [-1, 1] at each ddpm step")
+    p.add_argument("--bn-stats", default=SampleConfig.bn_stats, choices=BN_STATS, help=BN_HELP)
+    p.add_argument("--noise", default=None, metavar="FILE.npz",
+                   help="pre-drawn noise instead of --seed: 'x_T' [N,H,W,C] and 'noises' [T,N,H,W,C] float32, "
+                        "noises[i] added at step i (the same file torch_ref.sample reads)")
+    p.add_argument("--xla-flags", default="auto", metavar="FLAGS", help=XLA_FLAGS_HELP)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="export weights to torch-named safetensors, or import them",
+                       description="Export the EMA weights of a checkpoint under torch state_dict names "
+                                   "(--out), or import such a file into a new work folder (--from-torch).",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="the trained work folder (export) or a new one to create (import)")
+    p.add_argument("--out", default=None, metavar="FILE.safetensors",
+                   help="export: write the EMA weights (and BatchNorm statistics) here, with the model settings "
+                        "as metadata (torch_ref.weights.load_unet reads the chapter's)")
+    p.add_argument("--from-torch", default=None, metavar="FILE.safetensors",
+                   help="import: read such a file (e.g. torch_ref.weights.save_unet's) and write checkpoint 0 "
+                        "into --workdir, which must not hold a run yet")
+    _add_checkpoint_step(p, "export")
+    p.add_argument("--image-size", type=int, default=ModelConfig().image_size, metavar="S",
+                   help="import: image size to sample at, when the file's metadata has none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+    _add_train(sub)
+    _add_sample(sub)
+    _add_convert(sub)
+    for name, text in EXTERNAL_COMMANDS.items():
+        sub.add_parser(name, add_help=False, help=text)
+    return parser
+
+
+# ----------------------------------------------------------------------------- entry-point commands
+def find_command(name: str):
+    """The entry point ``name`` of the group ``jax_ddpm.commands``, or None."""
+    found = [ep for ep in metadata.entry_points(group=COMMAND_GROUP) if ep.name == name]
+    return found[0] if found else None
+
+
+def run_external(name: str, argv: Sequence[str]) -> int | None:
+    """Runs entry-point command ``name`` (``main(argv) -> int``); None if it is neither installed
+    nor one of ``EXTERNAL_COMMANDS`` (argparse then reports the unknown command)."""
+    entry = find_command(name)
+    if entry is None and name not in EXTERNAL_COMMANDS:
+        return None
+    fix = "install the test extra: pip install -e '.[test]'"
+    if entry is None:
+        return error(f"no '{name}' command is installed (entry point group {COMMAND_GROUP}); {fix}",
+                     prog=f"{PROG} {name}")
+    try:
+        command_main = entry.load()
+    except (ImportError, AttributeError) as e:  # e.g. torch missing
+        return error(f"cannot import what it needs ({e}); {fix}", prog=f"{PROG} {name}")
+    return int(command_main(list(argv)) or 0)
+
+
+# ----------------------------------------------------------------------------- main
+def _set_xla_flags(request: str, quiet: bool = False) -> None:
+    """``--xla-flags``: adds the flags to XLA_FLAGS before JAX starts (raises ConfigError)."""
+    from .. import xla_flags
+
+    try:
+        text = xla_flags.setup(request)
+    except xla_flags.XlaFlagsError as e:
+        raise ConfigError(f"--xla-flags: {e}") from None
+    if text and not quiet:
+        note(text)
+
+
+def _warn_deprecated(args: argparse.Namespace) -> None:
+    if getattr(args, "steps", None) is not None and args.command in ("sample", "convert"):
+        warning("--steps is deprecated, use --checkpoint-step", prog=f"{PROG} {args.command}")
+
+
+def _dispatch(args: argparse.Namespace, train_hooks) -> int:
+    if args.command == "train":
+        config = train_config_from_args(args)
+        _set_xla_flags(args.xla_flags, quiet=config.quiet)
+        from .train import train
+        return train(config, hooks=train_hooks)
+    _warn_deprecated(args)
+    if args.command == "sample":
+        config = sample_config_from_args(args)
+        _set_xla_flags(args.xla_flags)
+        from .sample import sample
+        return sample(config)
+    if args.command == "convert":
+        config = convert_config_from_args(args)
+        from .convert import export_weights, import_weights
+        return export_weights(config) if config.out else import_weights(config)
+    return error(f"unknown command {args.command!r}")
+
+
+def main(argv: Sequence[str] | None = None, *, train_hooks=None) -> int:
+    """``jax-ddpm ARGV``; returns the exit status. ``train_hooks``: an ``app.train.TrainHooks``
+    passed to ``train`` (the tests' runner uses it; the console script passes none)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in BUILTIN_COMMANDS and not argv[0].startswith("-"):
+        status = run_external(argv[0], argv[1:])
+        if status is not None:
+            return status
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return int(e.code or 0)
+    try:
+        return _dispatch(args, train_hooks)
+    except KeyboardInterrupt:
+        return error("interrupted", EXIT_INTERRUPTED)
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return error(f"{where}{e.strerror or e}")
+    except Exception as e:
+        from ..checkpoint import CheckpointError
+        from ..data import DataError
+        from .train import NonFiniteLossError
+
+        if isinstance(e, (ConfigError, DataError, CheckpointError)):
+            return error(str(e))
+        if isinstance(e, NonFiniteLossError):
+            return error(str(e), EXIT_NONFINITE)
+        raise
+
+
+__all__ = ["BUILTIN_COMMANDS", "COMMAND_GROUP", "EXTERNAL_COMMANDS", "HelpFormatter", "OneLineParser", "build_parser",
+           "find_command", "main", "run_external"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,414 @@
+"""Typed, frozen run configurations, built and validated at the command-line boundary.
+
+``cli.py`` parses argv into an ``argparse.Namespace``; the ``*_config_from_args``
+functions here turn it into frozen dataclasses and raise :class:`ConfigError` with one
+line naming the option and what is wrong. Nothing below this module sees a namespace:
+factories unpack the dataclasses into scalars.
+
+Every choice list and rule is imported from the module that owns it (schedules, samplers,
+dtypes, data layouts, architectures); the architecture's own config decides which model
+settings it accepts (:func:`arch_config`).
+
+A training run's *identity* (:func:`identity`) is everything that decides which numbers
+it computes: model, diffusion, data and optimizer settings and the seed. A resume must
+keep it; training-length and bookkeeping options (``--steps``, ``--checkpoint-every``,
+``--sample-every``, ...) may change, and so may the devices: N devices compute the same
+maths as one (``jax_ddpm.parallel``), so neither the device count nor ``--distributed`` is
+part of the identity. A field missing from a saved identity (``model.arch``: checkpoints
+written before the architecture registry) takes its default (:func:`complete_identity`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..data import CHANNELS, LAYOUTS
+from ..models.arch import ArchConfigError, Architecture
+from ..models.registry import ARCH_NAMES, DEFAULT_ARCH, get_arch
+from ..parallel import DTYPES
+from ..sampling import BN_STATS, SAMPLERS
+from ..schedules import MIN_TIMESTEPS, SCHEDULES, check_timesteps
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message is one line that names the option or file."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (an architecture of ``jax_ddpm.models.registry``) and the image shape it is trained on.
+
+    ``features`` and ``time_emb_dim`` are read by the architectures that name them in
+    ``Architecture.fields``; the architecture's config validates them.
+    """
+
+    image_size: int = 16
+    channels: int = 1
+    features: tuple[int, ...] = (16, 32, 64, 128)
+    time_emb_dim: int = 32
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    arch: str = DEFAULT_ARCH
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 200
+    schedule: str = "cosine"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``source`` is ``'digits'`` or an absolute path (folder, .npz or .npy)."""
+
+    source: str = "digits"
+    layout: str = "auto"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 32
+    lr: float = 1e-3
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0  # 0 = no clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    workdir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    steps: int = 3000
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # 0 = only at the end
+    num_samples: int = 64
+    bn_stats: str = "batch"
+    log_every: int = 25
+    quiet: bool = False
+    distributed: bool = False  # join a multi-process run (jax.distributed.initialize); not part of the identity
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    workdir: str
+    out: str
+    num: int = 64
+    seed: int = 0
+    sampler: str = "ddpm"
+    step: int | None = None  # checkpoint step (--checkpoint-step); None = latest
+    noise: str | None = None  # .npz with x_T [N, H, W, C] and noises [T, N, H, W, C]
+    clip_denoised: bool = True
+    bn_stats: str = "batch"
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    workdir: str
+    out: str | None = None  # export: safetensors file to write
+    from_torch: str | None = None  # import: safetensors file to read
+    step: int | None = None  # export: checkpoint step (--checkpoint-step); None = latest
+    image_size: int = 16  # import only: the image size recorded for sampling
+
+
+# ----------------------------------------------------------------------------- identity / JSON
+# Dotted config field -> the option that sets it (for error messages).
+OPTION_NAMES = {
+    "model.image_size": "--image-size", "model.channels": "--channels", "model.features": "--features",
+    "model.time_emb_dim": "--time-emb-dim", "model.dtype": "--dtype", "model.arch": "--arch",
+    "diffusion.timesteps": "--timesteps", "diffusion.schedule": "--schedule",
+    "data.source": "--data", "data.layout": "--layout",
+    "optim.batch_size": "--batch-size", "optim.lr": "--lr", "optim.ema_decay": "--ema-decay",
+    "optim.grad_clip": "--grad-clip", "seed": "--seed",
+}
+# An architecture config field (ArchConfigError.field) -> the option that sets it.
+ARCH_FIELD_OPTIONS = {"features": "--features", "time_emb_dim": "--time-emb-dim", "img_channels": "--channels"}
+
+
+def to_dict(config: Any) -> dict:
+    """A frozen dataclass -> plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def identity(config: TrainConfig) -> dict[str, Any]:
+    """The flat ``{dotted_field: value}`` a resumed run must reproduce exactly."""
+    flat: dict[str, Any] = {}
+    for part in ("model", "diffusion", "data", "optim"):
+        for k, v in dataclasses.asdict(getattr(config, part)).items():
+            flat[f"{part}.{k}"] = list(v) if isinstance(v, tuple) else v
+    flat["seed"] = config.seed
+    return flat
+
+
+def complete_identity(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` with every field it lacks at today's default (``model.arch`` = the chapter's
+    U-Net for checkpoints written before the registry)."""
+    return {**identity(TrainConfig(workdir="")), **saved}
+
+
+def identity_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """First difference between two :func:`identity` dicts as a phrase, or None if equal.
+
+    Fields missing on either side take their defaults (:func:`complete_identity`)."""
+    saved, current = complete_identity(saved), complete_identity(current)
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            option = OPTION_NAMES.get(key, key)
+            return f"{option} was {_show(saved.get(key))}, now {_show(current.get(key))}"
+    return None
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def train_config_from_identity(workdir: str, ident: Mapping[str, Any]) -> TrainConfig:
+    """A TrainConfig whose :func:`identity` is ``ident`` (fields it lacks and all other
+    fields at their defaults)."""
+    full = complete_identity(ident)
+    parts: dict[str, dict] = {"model": {}, "diffusion": {}, "data": {}, "optim": {}}
+    for key, value in full.items():
+        if "." in key:
+            part, name = key.split(".", 1)
+            parts[part][name] = tuple(value) if isinstance(value, list) else value
+    return TrainConfig(workdir=workdir, model=ModelConfig(**parts["model"]),
+                       diffusion=DiffusionConfig(**parts["diffusion"]), data=DataConfig(**parts["data"]),
+                       optim=OptimConfig(**parts["optim"]), seed=int(full["seed"]))
+
+
+# ----------------------------------------------------------------------------- the architecture
+def arch_config(model: ModelConfig) -> tuple[Architecture, Any]:
+    """``(architecture, its config)`` for ``model``: the registry entry ``model.arch`` and
+    ``config_from_fields(channels, **{f: model.f for f in arch.fields})``.
+
+    Raises:
+      ValueError: unknown architecture; ArchConfigError: a value it does not accept.
+    """
+    arch = get_arch(model.arch)
+    return arch, arch.config_from_fields(model.channels, **{f: getattr(model, f) for f in arch.fields})
+
+
+def model_config_from_arch(arch: Architecture, config: Any, image_size: int, dtype: str = "float32") -> ModelConfig:
+    """The inverse of :func:`arch_config` (for an imported file): the ``Architecture.fields``
+    from the config's attributes of the same names, and the channel count in ``CHANNELS``
+    for which ``config_from_fields`` gives ``config`` back.
+
+    Raises:
+      ValueError: no channel count in ``CHANNELS`` gives the config back.
+    """
+    fields = {f: getattr(config, f) for f in arch.fields}
+    for channels in CHANNELS:
+        model = ModelConfig(image_size=image_size, channels=channels, dtype=dtype, arch=arch.name, **fields)
+        try:
+            if arch_config(model)[1] == config:
+                return model
+        except ValueError:
+            continue
+    raise ValueError(f"its {arch.name} settings are not ones the command builds for {' or '.join(map(str, CHANNELS))} "
+                     f"image channels (ModelConfig sets only {', '.join(('channels',) + arch.fields)})")
+
+
+def default_size_multiple(arch: str = DEFAULT_ARCH) -> int:
+    """The image size multiple of ``arch`` as the command builds it with the default options."""
+    entry, config = arch_config(ModelConfig(arch=arch))
+    return entry.size_multiple(config)
+
+
+def check_arch(model: ModelConfig) -> ModelConfig:
+    """Validates the model settings with the architecture's own rules and its size multiple.
+
+    Raises:
+      ConfigError: naming the option (--arch, --features, --time-emb-dim, --channels, --image-size).
+    """
+    try:
+        arch, config = arch_config(model)
+        unused = [f for f in ARCH_FIELD_OPTIONS if f not in arch.fields and hasattr(model, f)
+                  and getattr(model, f) != getattr(ModelConfig(), f)]
+    except ArchConfigError as e:
+        raise ConfigError(f"{ARCH_FIELD_OPTIONS.get(e.field, e.field)}: {e.message}") from None
+    except ValueError as e:
+        raise ConfigError(f"--arch: {e}") from None
+    if unused:  # refused, not silently ignored
+        raise ConfigError(f"{ARCH_FIELD_OPTIONS[unused[0]]}: --arch {arch.name} has no such setting")
+    check_image_size(model.image_size, arch.size_multiple(config), arch.name)
+    return model
+
+
+# ----------------------------------------------------------------------------- validation
+def parse_features(text: str) -> tuple[int, ...]:
+    """``'16,32,64,128'`` -> (16, 32, 64, 128): comma-separated positive integers (how many:
+    the architecture decides, :func:`check_arch`)."""
+    try:
+        features = tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"--features must be comma-separated positive integers, got {text!r}") from None
+    if any(f < 1 for f in features):
+        raise ConfigError(f"--features must be comma-separated positive integers, got {text!r}")
+    return features
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(name: str, value: int) -> int:
+    if value < 0:
+        raise ConfigError(f"{name} must be 0 or a positive integer, got {value}")
+    return value
+
+
+def check_timesteps_option(value: int, option: str = "--timesteps") -> int:
+    """``schedules.check_timesteps`` (T >= MIN_TIMESTEPS) as a ConfigError naming ``option``."""
+    try:
+        return check_timesteps(value)
+    except ValueError:
+        raise ConfigError(f"{option} must be an integer >= {MIN_TIMESTEPS}, got {value}") from None
+
+
+def check_image_size(size: int, multiple: int | None = None, arch: str = DEFAULT_ARCH) -> int:
+    """``size`` if it is a positive multiple of ``multiple`` (default: the ``arch``'s size
+    multiple at its default config). Raises ConfigError."""
+    if multiple is None:
+        multiple = default_size_multiple(arch)
+    if size < multiple or size % multiple:
+        raise ConfigError(f"--image-size must be a positive multiple of {multiple} for --arch {arch}, got {size}")
+    return size
+
+
+def _choice(name: str, value: Any, choices: tuple) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _finite_float(name: str, value: float, low: float, high: float | None = None, low_open: bool = False,
+                  high_open: bool = True) -> float:
+    ok = value == value and value not in (float("inf"), float("-inf"))
+    ok = ok and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo = f"{'(' if low_open else '['}{low:g}"
+        hi = f"{high:g}{')' if high_open else ']'}" if high is not None else "inf)"
+        raise ConfigError(f"{name} must be in {lo}, {hi}, got {value}")
+    return float(value)
+
+
+def resolve_data_source(text: str) -> str:
+    """``'digits'`` stays; a path must exist and becomes absolute."""
+    if text == "digits":
+        return text
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.exists(path):
+        raise ConfigError(f"--data {text}: no such file or directory (use 'digits' or a folder, .npz or .npy)")
+    if os.path.isfile(path) and not path.lower().endswith((".npz", ".npy")):
+        raise ConfigError(f"--data {text}: a file must be .npz or .npy (or give a folder of images)")
+    return path
+
+
+def train_config_from_args(args: Any) -> TrainConfig:
+    """Validates the ``train`` namespace. Raises ConfigError (one line)."""
+    model = check_arch(ModelConfig(image_size=args.image_size,
+                                   channels=_choice("--channels", args.channels, CHANNELS),
+                                   features=parse_features(args.features),
+                                   time_emb_dim=args.time_emb_dim,
+                                   dtype=_choice("--dtype", args.dtype, DTYPES),
+                                   arch=_choice("--arch", getattr(args, "arch", DEFAULT_ARCH), ARCH_NAMES)))
+    diffusion = DiffusionConfig(timesteps=check_timesteps_option(args.timesteps),
+                                schedule=_choice("--schedule", args.schedule, SCHEDULES))
+    data = DataConfig(source=resolve_data_source(args.data), layout=_choice("--layout", args.layout, LAYOUTS))
+    optim = OptimConfig(batch_size=_positive("--batch-size", args.batch_size),
+                        lr=_finite_float("--lr", args.lr, 0.0, low_open=True),
+                        ema_decay=_finite_float("--ema-decay", args.ema_decay, 0.0, 1.0),
+                        grad_clip=_finite_float("--grad-clip", args.grad_clip, 0.0))
+    return TrainConfig(workdir=_workdir(args.workdir), model=model, diffusion=diffusion, data=data, optim=optim,
+                       seed=_non_negative("--seed", args.seed), steps=_positive("--steps", args.steps),
+                       checkpoint_every=_positive("--checkpoint-every", args.checkpoint_every),
+                       keep_checkpoints=_positive("--keep-checkpoints", args.keep_checkpoints),
+                       sample_every=_non_negative("--sample-every", args.sample_every),
+                       num_samples=_positive("--num-samples", args.num_samples),
+                       bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS),
+                       log_every=_positive("--log-every", args.log_every), quiet=bool(args.quiet),
+                       distributed=bool(getattr(args, "distributed", False)))
+
+
+def _workdir(text: str) -> str:
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir {text}: exists and is not a folder")
+    return path
+
+
+def _out_file(option: str, text: str, suffixes: tuple[str, ...]) -> str:
+    path = os.path.abspath(os.path.expanduser(text))
+    if not path.lower().endswith(suffixes):
+        raise ConfigError(f"{option} {text}: must end in {' or '.join(suffixes)}")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{option} {text}: folder {parent} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {text}: is a folder")
+    return path
+
+
+def _existing_file(option: str, text: str) -> str:
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{option} {text}: no such file")
+    return path
+
+
+def checkpoint_step_from_args(args: Any) -> int | None:
+    """``--checkpoint-step`` (or its deprecated spelling ``--steps``): None = the latest."""
+    step, old = getattr(args, "checkpoint_step", None), getattr(args, "steps", None)
+    if step is not None and old is not None and step != old:
+        raise ConfigError(f"--steps {old} and --checkpoint-step {step} disagree; give only --checkpoint-step")
+    if step is None and old is not None:
+        return _non_negative("--steps", old)
+    return None if step is None else _non_negative("--checkpoint-step", step)
+
+
+def sample_config_from_args(args: Any) -> SampleConfig:
+    """Validates the ``sample`` namespace. Raises ConfigError (one line)."""
+    return SampleConfig(workdir=_workdir(args.workdir), out=_out_file("--out", args.out, (".png", ".npz")),
+                        num=_positive("--num", args.num), seed=_non_negative("--seed", args.seed),
+                        sampler=_choice("--sampler", args.sampler, SAMPLERS),
+                        step=checkpoint_step_from_args(args),
+                        noise=None if args.noise is None else _existing_file("--noise", args.noise),
+                        clip_denoised=bool(args.clip_denoised),
+                        bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS))
+
+
+def convert_config_from_args(args: Any) -> ConvertConfig:
+    """Validates the ``convert`` namespace: exactly one of --out / --from-torch.
+
+    ``--image-size`` is checked against the architecture's size multiple at import, once
+    the file says which architecture it holds."""
+    if (args.out is None) == (args.from_torch is None):
+        raise ConfigError("convert needs exactly one of --out FILE (export) or --from-torch FILE (import)")
+    return ConvertConfig(workdir=_workdir(args.workdir),
+                         out=None if args.out is None else _out_file("--out", args.out, (".safetensors",)),
+                         from_torch=None if args.from_torch is None else _existing_file("--from-torch",
+                                                                                        args.from_torch),
+                         step=checkpoint_step_from_args(args),
+                         image_size=_positive("--image-size", args.image_size))
+
+
+__all__ = [
+    "ARCH_FIELD_OPTIONS", "ARCH_NAMES", "BN_STATS", "CHANNELS", "ConfigError", "ConvertConfig", "DTYPES",
+    "DataConfig", "DiffusionConfig", "LAYOUTS", "MIN_TIMESTEPS", "ModelConfig", "OPTION_NAMES", "OptimConfig",
+    "SAMPLERS", "SCHEDULES", "SampleConfig", "TrainConfig", "arch_config", "check_arch", "check_image_size",
+    "check_timesteps_option", "checkpoint_step_from_args", "complete_identity", "convert_config_from_args",
+    "default_size_multiple",
+    "identity", "identity_mismatch", "model_config_from_arch", "parse_features", "resolve_data_source",
+    "sample_config_from_args", "to_dict", "train_config_from_args", "train_config_from_identity",
+]

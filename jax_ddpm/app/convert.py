@@ -1,0 +1,133 @@
+"""``jax-ddpm convert``: a checkpoint's EMA weights <-> a safetensors file under torch names.
+
+Export (``--out``) writes the architecture's weight table (``Architecture.weight_table``;
+a model without BatchNorm has no ``batch_stats`` rows) with ``convert.arch_metadata`` plus
+``image_size`` and ``step``. Import (``--from-torch``) reads such a file (no ``arch`` key:
+the chapter's U-Net, files written before the registry) into checkpoint 0 of a new work folder.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import checkpoint as ckpt
+from ..convert import (arch_from_metadata, arch_metadata, from_torch_state_dict, load_safetensors, save_safetensors,
+                       to_torch_state_dict)
+from ..images import atomic_write
+from ..models.registry import get_arch
+from ..schedules import SCHEDULES
+from ..training import model_variables
+from .config import (ConfigError, ConvertConfig, DiffusionConfig, TrainConfig, arch_config, check_image_size,
+                     check_timesteps_option, identity, model_config_from_arch, to_dict)
+from .console import EXIT_OK
+from .factories import abstract_state, build_schedule, init_state, run_keys
+from .workdir import RunFiles, holds_run, load_run, write_json
+
+
+def export_weights(config: ConvertConfig, stream: TextIO | None = None) -> int:
+    """``convert --out``: the EMA weights (and BatchNorm statistics, if any) under torch names."""
+    run = load_run(config.workdir, config.step)
+    m, d = run.config.model, run.config.diffusion
+    arch, arch_cfg = arch_config(m)
+    state_dict = to_torch_state_dict(jax.device_get(run.state.ema_variables), table=arch.weight_table(arch_cfg))
+    metadata = arch_metadata(arch.name, arch_cfg, d.timesteps, d.schedule)
+    metadata.update(image_size=str(m.image_size), step=str(run.step))
+    atomic_write(config.out, lambda tmp: save_safetensors(tmp, state_dict, metadata))
+    print(f"wrote {len(state_dict)} tensors (EMA weights, step {run.step}) to {config.out}",
+          file=stream or sys.stdout)
+    return EXIT_OK
+
+
+def _int_meta(meta: Mapping[str, str], key: str) -> int:
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        raise ValueError(f"{key}={meta.get(key)!r} is missing or not an integer") from None
+
+
+def _run_config_from_metadata(config: ConvertConfig, meta: Mapping[str, str]) -> TrainConfig:
+    """The TrainConfig an imported file describes (architecture, diffusion, image size).
+
+    Raises:
+      ConfigError: "--from-torch FILE: ..." for missing or bad metadata.
+    """
+    path = config.from_torch
+    missing = [k for k in ("timesteps", "schedule") if k not in meta]
+    if missing:
+        raise ConfigError(f"--from-torch {path}: metadata lacks {', '.join(missing)}")
+    try:
+        name, arch_cfg = arch_from_metadata(meta)
+        arch = get_arch(name)
+        multiple = arch.size_multiple(arch_cfg)
+        timesteps = check_timesteps_option(_int_meta(meta, "timesteps"), "timesteps")
+        if meta["schedule"] not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {meta['schedule']!r}")
+        if "image_size" in meta:
+            image_size = check_image_size(_int_meta(meta, "image_size"), multiple, name)
+        else:
+            image_size = config.image_size
+        model = model_config_from_arch(arch, arch_cfg, image_size)
+    except ValueError as e:  # ConfigError and ArchConfigError are ValueErrors
+        raise ConfigError(f"--from-torch {path}: bad metadata ({e})") from None
+    if "image_size" not in meta:
+        check_image_size(image_size, multiple, name)  # --image-size: the user's option, named as such
+    return TrainConfig(workdir=config.workdir, model=model,
+                       diffusion=DiffusionConfig(timesteps=timesteps, schedule=meta["schedule"]))
+
+
+def _variables_from_tensors(path: str, tensors: Mapping[str, np.ndarray], run_config: TrainConfig) -> dict:
+    """The file's tensors as the model's variables (NumPy), checked name by name, shape and dtype."""
+    arch, arch_cfg = arch_config(run_config.model)
+    template = abstract_state(run_config)
+    like = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),  # convert.py compares arrays
+                                  model_variables(template.params, template.batch_stats))
+    try:
+        variables = from_torch_state_dict(tensors, like=like, table=arch.weight_table(arch_cfg))
+    except ValueError as e:
+        raise ConfigError(f"--from-torch {path}: {e}") from None
+    for leaf_path, ref in jax.tree_util.tree_leaves_with_path(like):
+        got: Any = variables
+        for k in leaf_path:
+            got = got[k.key]
+        if np.dtype(got.dtype) != np.dtype(ref.dtype):
+            raise ConfigError(f"--from-torch {path}: tensor {jax.tree_util.keystr(leaf_path)} is {got.dtype}, "
+                              f"expected {ref.dtype}")
+    return variables
+
+
+def import_weights(config: ConvertConfig, stream: TextIO | None = None) -> int:
+    """``convert --from-torch``: a safetensors file -> checkpoint 0 of a new work folder (for sample)."""
+    path = config.from_torch
+    if holds_run(config.workdir):
+        raise ConfigError(f"--workdir {config.workdir}: already holds a run; import into a new --workdir")
+    try:
+        tensors, meta = load_safetensors(path)
+    except ValueError as e:  # "<path>: not a readable safetensors file (...)"
+        raise ConfigError(f"--from-torch {e}") from None
+    run_config = _run_config_from_metadata(config, meta)
+    variables = _variables_from_tensors(path, tensors, run_config)
+    keys = run_keys(run_config.seed)
+    state = init_state(run_config, keys["init"], build_schedule(run_config))
+    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+    batch_stats = variables.get("batch_stats")
+    state = state.replace(params=params, ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                          batch_stats=None if batch_stats is None else jax.tree_util.tree_map(jnp.asarray, batch_stats))
+    os.makedirs(config.workdir, exist_ok=True)
+    write_json(RunFiles(config.workdir).config, dict(to_dict(run_config), version=1, imported_from=path))
+    manager = ckpt.make_manager(config.workdir, keep=run_config.keep_checkpoints)
+    try:
+        ckpt.save(manager, 0, ckpt.state_to_tree(state, keys["train"]),
+                  {"identity": identity(run_config), "data_fingerprint": None, "data_position": [0, 0],
+                   "num_images": None, "imported_from": path})
+    finally:
+        manager.close()
+    print(f"imported {path} into {config.workdir} (checkpoint 0)", file=stream or sys.stdout)
+    return EXIT_OK
+
+
+__all__ = ["export_weights", "import_weights"]

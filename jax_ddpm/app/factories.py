@@ -1,0 +1,87 @@
+"""Config -> the objects a run computes with: model, schedule, optimizer, states, the step.
+
+The model is built only through the architecture registry (``ModelConfig.arch``); every
+function here unpacks the frozen config into the scalars the library takes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from .. import parallel
+from ..schedules import DiffusionSchedule, make_schedule
+from ..training import TrainState, create_train_state, make_optimizer, train_step
+from .config import ModelConfig, TrainConfig, arch_config
+
+
+def build_model_from(model: ModelConfig) -> nn.Module:
+    """The network of ``model``: ``arch.build(arch.config_from_fields(...), dtype=compute dtype)``."""
+    arch, config = arch_config(model)
+    return arch.build(config, dtype=parallel.compute_dtype(model.dtype))
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    return build_model_from(config.model)
+
+
+def build_schedule(config: TrainConfig) -> DiffusionSchedule:
+    return make_schedule(config.diffusion.timesteps, config.diffusion.schedule)
+
+
+def build_optimizer(config: TrainConfig):
+    return make_optimizer(config.optim.lr, config.optim.grad_clip or None)
+
+
+def image_shape(config: TrainConfig) -> tuple[int, int, int]:
+    return (config.model.image_size, config.model.image_size, config.model.channels)
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """Independent typed keys for initialisation, training noise and sample grids."""
+    init_key, train_key, sample_key = jax.random.split(jax.random.key(seed), 3)
+    return {"init": init_key, "train": train_key, "sample": sample_key}
+
+
+def make_init_fn(config: TrainConfig) -> Callable[[jax.Array, DiffusionSchedule], TrainState]:
+    """``init(key, schedule) -> TrainState`` (jit it: eager init dispatches hundreds of tiny ops)."""
+    model, tx, shape = build_model(config), build_optimizer(config), image_shape(config)
+
+    def init(key, schedule):
+        return create_train_state(model, key, shape, schedule, tx, config.optim.ema_decay)
+
+    return init
+
+
+def init_state(config: TrainConfig, key: jax.Array, schedule: DiffusionSchedule) -> TrainState:
+    """A fresh TrainState. The initialiser is compiled without XLA's backend optimisations:
+    it runs once, and its many random draws otherwise compile much longer on CPU."""
+    lowered = jax.jit(make_init_fn(config)).lower(key, schedule)
+    try:
+        compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+    except Exception:  # a backend or jax version without the option
+        compiled = lowered.compile()
+    return compiled(key, schedule)
+
+
+def abstract_state(config: TrainConfig) -> TrainState:
+    """The TrainState's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without FLOPs."""
+    return jax.eval_shape(make_init_fn(config), jax.random.key(0), build_schedule(config))
+
+
+def make_step_fn(mesh: Mesh | None = None) -> Callable[[TrainState, np.ndarray, jax.Array], tuple[TrainState, dict]]:
+    """``step_fn(state, local_batch, key) -> (state, metrics)``: the one place a train step is
+    compiled and fed: ``parallel.make_sharded_train_step`` over ``mesh`` (every device by default).
+
+    ``local_batch`` is this process's NumPy rows of the global batch ([B, H, W, C] in a
+    single-process run); the state must be replicated on ``mesh`` (``parallel.shard_state``)
+    and is donated; outputs come back replicated.
+    """
+    return parallel.make_sharded_train_step(parallel.make_mesh() if mesh is None else mesh, train_step)
+
+
+__all__ = ["abstract_state", "build_model", "build_model_from", "build_optimizer", "build_schedule", "image_shape",
+           "init_state", "make_init_fn", "make_step_fn", "run_keys"]

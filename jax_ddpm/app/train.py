@@ -1,0 +1,349 @@
+"""``jax-ddpm train``: the loop, checkpoints, metrics and sample grids.
+
+Exact resume: the train step draws ``t`` and the noise from ``fold_in(train_key, step)``
+and the data order is a function of ``(seed, epoch)``; the checkpoint holds the whole
+state, the key and the data position, so a run restarted from any checkpoint computes the
+same bits as one that never stopped (on one CPU backend; ``tests/test_cli_resume.py``).
+
+Devices (``app.devices``): the state and key are replicated over the mesh (after init and
+after restore), every process draws the same global batch indices and feeds only its own
+rows, and the step is ``factories.make_step_fn``. Every process takes part in the steps,
+the checkpoint saves and restores and the non-finite-loss stop; only process 0 writes
+``config.json``, ``metrics.jsonl``, plots, sample grids and messages. In a multi-process
+run Ctrl-C is acted on at the next logging or checkpoint step, once all processes agree
+(one small all-gather there).
+
+The loop is a few functions over one :class:`_Loop` (its context and mutable state).
+:class:`TrainHooks` lets a caller (the tests' ``tests/train_runner.py``) change a batch or
+act after a step; the command itself passes none.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, TextIO
+
+import jax
+import numpy as np
+
+from .. import checkpoint as ckpt
+from .. import parallel
+from ..data import BatchIterator, DataPosition, fingerprint, load_images
+from ..images import save_grid, save_loss_plot
+from ..sampling import make_sample_fn
+from ..training import TrainState
+from .config import ConfigError, TrainConfig, identity, to_dict
+from .console import EXIT_INTERRUPTED, EXIT_OK, InterruptFlag, Progress
+from .devices import Devices, any_process, local_copy, setup_devices
+from .factories import abstract_state, build_model, build_schedule, image_shape, init_state, make_step_fn, run_keys
+from .workdir import RunFiles, append_metrics, check_resume, trim_metrics, write_json
+
+PLOT_EVERY_S = 30.0  # loss.png is redrawn at a checkpoint at most this often (and always at the end)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; training stopped (exit status 3)."""
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """Optional callbacks into the loop (for tests and tools; the command passes none).
+
+    corrupt_batch: ``(step, batch) -> batch``, called with the number of the step the host
+      batch (this process's rows, float32 [B, H, W, C]) is about to feed; returns the batch to use.
+    after_step: ``(step) -> None``, called on the host after each step's bookkeeping.
+    """
+
+    corrupt_batch: Callable[[int, np.ndarray], np.ndarray] | None = None
+    after_step: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Restored:
+    """Where training starts: step 0 (``state`` None) or a checked, restored checkpoint."""
+
+    start: int
+    state: TrainState | None
+    train_key: jax.Array
+    position: DataPosition
+
+
+@dataclass
+class _Loop:
+    """The loop's context (fixed) and its state (changes every step)."""
+
+    config: TrainConfig
+    devices: Devices
+    files: RunFiles
+    images: np.ndarray
+    data_fp: str
+    progress: Progress
+    hooks: TrainHooks
+    manager: Any
+    iterator: BatchIterator
+    step_fn: Callable
+    sample_grid: Callable[[TrainState], np.ndarray]
+    state: TrainState
+    train_key: jax.Array
+    step: int
+    last_good: int | None
+    history: list[dict]
+    pending: list[tuple[int, dict]] = field(default_factory=list)
+    timer_step: int = 0
+    timer: float = 0.0
+    last_plot: float = -math.inf
+    first_step_done: bool = False
+
+    def restart_timer(self) -> None:
+        """img/s counts training only: compile, checkpoint and sampling time are left out."""
+        self.timer_step, self.timer = self.step, time.perf_counter()
+
+
+# ----------------------------------------------------------------------------- before the loop
+def _load_data(config: TrainConfig) -> tuple[np.ndarray, str]:
+    images = load_images(config.data.source, config.model.image_size, config.model.channels, config.data.layout)
+    if config.optim.batch_size > images.shape[0]:
+        raise ConfigError(f"--batch-size {config.optim.batch_size} exceeds the {images.shape[0]} images in "
+                          f"--data {config.data.source}")
+    return images, fingerprint(images)
+
+
+def _restore(config: TrainConfig, devices: Devices, data_fp: str, keys: Mapping[str, jax.Array]) -> _Restored:
+    """The latest checkpoint, checked against this run's settings and data, replicated over
+    the mesh; or a fresh start. Touches nothing in the folder."""
+    steps_done = ckpt.complete_steps(config.workdir)
+    if not steps_done:
+        return _Restored(0, None, keys["train"], DataPosition(0, 0))
+    start = steps_done[-1]
+    reader = ckpt.make_manager(config.workdir, read_only=True)
+    try:
+        meta = check_resume(config, reader, start, data_fp)
+        template = abstract_state(config)
+        target = parallel.abstract_replicated(ckpt.state_to_tree(template, jax.random.key_data(keys["train"])),
+                                              devices.mesh)
+        tree = ckpt.restore(reader, start, target)  # arrays come back replicated over the mesh
+    finally:
+        reader.close()
+    state, train_key = ckpt.tree_to_state(template.replace(schedule=build_schedule(config)), tree)
+    return _Restored(start, state, train_key, DataPosition(*meta["data_position"]))
+
+
+def _sample_grid_fn(config: TrainConfig, keys: Mapping[str, jax.Array]) -> Callable[[TrainState], np.ndarray]:
+    """``grid(state) -> [N, H, W, C]`` samples from fixed x_T and noise (EMA, eval mode, clipped x0),
+    on one device (``local_copy``), not the whole mesh; compiled at its first call."""
+    sample = make_sample_fn(build_model(config), "ddpm", bn_stats=config.bn_stats, clip_denoised=True)
+    x_T = jax.random.normal(jax.random.fold_in(keys["sample"], 0), (config.num_samples,) + image_shape(config))
+    noise_key = jax.random.fold_in(keys["sample"], 1)
+
+    def grid(state: TrainState) -> np.ndarray:
+        state = local_copy(state)
+        return np.asarray(jax.device_get(sample(state.ema_variables, state.schedule, x_T, noise_key)))
+
+    return grid
+
+
+def _prepare_folder(config: TrainConfig, devices: Devices, start: int) -> list[dict]:
+    """Creates the folder, records config.json and trims metrics past ``start``; the history."""
+    os.makedirs(config.workdir, exist_ok=True)
+    if not devices.primary:
+        return []
+    files = RunFiles(config.workdir)
+    # the XLA_FLAGS this session ran with (jax-ddpm --xla-flags): a record, not part of the identity
+    write_json(files.config, dict(to_dict(config), version=1, parallel=devices.sizes,
+                                  xla_flags=os.environ.get("XLA_FLAGS", "")))
+    return trim_metrics(files.metrics, start)
+
+
+def _start(config: TrainConfig, devices: Devices, images: np.ndarray, data_fp: str, restored: _Restored,
+           keys: Mapping[str, jax.Array], progress: Progress, hooks: TrainHooks) -> _Loop:
+    history = _prepare_folder(config, devices, restored.start)
+    progress.message(devices.describe())
+    if restored.state is None:
+        state = init_state(config, keys["init"], build_schedule(config))
+    else:
+        state = restored.state
+        progress.message(f"resuming {config.workdir} from step {restored.start}")
+    parallel.check_float32_state(state)  # --dtype bfloat16 is compute only
+    loop = _Loop(config=config, devices=devices, files=RunFiles(config.workdir), images=images, data_fp=data_fp,
+                 progress=progress, hooks=hooks,
+                 manager=ckpt.make_manager(config.workdir, keep=config.keep_checkpoints),
+                 iterator=BatchIterator(images, config.optim.batch_size, config.seed, restored.position),
+                 step_fn=make_step_fn(devices.mesh), sample_grid=_sample_grid_fn(config, keys),
+                 state=parallel.shard_state(state, devices.mesh),
+                 train_key=parallel.shard_state(restored.train_key, devices.mesh), step=restored.start,
+                 last_good=restored.start if restored.state is not None else None, history=history)
+    loop.restart_timer()
+    return loop
+
+
+# ----------------------------------------------------------------------------- the loop's parts
+def _save(loop: _Loop) -> None:
+    """Checkpoint ``loop.step``; called by every process (orbax coordinates a multi-process save)."""
+    meta = {"identity": identity(loop.config), "data_fingerprint": loop.data_fp,
+            "data_position": list(loop.iterator.position), "num_images": int(loop.images.shape[0]),
+            "parallel": loop.devices.sizes}
+    ckpt.save(loop.manager, loop.step, ckpt.state_to_tree(loop.state, loop.train_key), meta)
+    loop.last_good = loop.step
+
+
+def _plot(loop: _Loop, force: bool = False) -> None:
+    """Redraws loss.png (matplotlib is slow: at most every PLOT_EVERY_S, and at the end)."""
+    if loop.devices.primary and loop.history and (force or time.monotonic() - loop.last_plot >= PLOT_EVERY_S):
+        save_loss_plot(loop.files.loss_plot, [r["step"] for r in loop.history], [r["loss"] for r in loop.history])
+        loop.last_plot = time.monotonic()
+
+
+def _nonfinite_step(rows: list[tuple[int, float, float]]) -> tuple[int, float, float] | None:
+    for row in rows:
+        if not (math.isfinite(row[1]) and math.isfinite(row[2])):
+            return row
+    return None
+
+
+def _flush_metrics(loop: _Loop) -> None:
+    """Fetches the pending losses (one host sync), stops on NaN, appends a metrics line.
+
+    Every process runs it (the metrics are replicated, so all of them stop together).
+
+    Raises:
+      NonFiniteLossError: before a bad state is saved.
+    """
+    if not loop.pending:
+        return
+    fetched = jax.device_get(local_copy([m for _, m in loop.pending]))
+    rows = [(s, float(m["loss"]), float(m["grad_norm"])) for (s, _), m in zip(loop.pending, fetched)]
+    loop.pending.clear()
+    bad = _nonfinite_step(rows)
+    if bad is not None:
+        kept = (f"the last good checkpoint is step {loop.last_good} in {ckpt.checkpoint_dir(loop.config.workdir)}"
+                if loop.last_good is not None else "no checkpoint was saved")
+        raise NonFiniteLossError(f"loss became {bad[1]} (gradient norm {bad[2]}) at step {bad[0]}; "
+                                 f"training stopped, {kept}")
+    now = time.perf_counter()
+    rate = loop.config.optim.batch_size * (loop.step - loop.timer_step) / max(now - loop.timer, 1e-9)
+    row = {"step": loop.step, "loss": float(np.mean([r[1] for r in rows])), "grad_norm": rows[-1][2],
+           "images_per_s": round(rate, 2), "lr": loop.config.optim.lr, "epoch": int(loop.iterator.position[0]),
+           "time": round(time.time(), 3)}
+    if loop.devices.primary:
+        loop.history.append(row)
+        append_metrics(loop.files.metrics, row)
+    loop.progress.log(loop.step, row["loss"], rate)
+    loop.timer_step, loop.timer = loop.step, now
+
+
+def _train_one_step(loop: _Loop) -> None:
+    """Draws the next batch (every process the same global indices, its own rows), runs the step."""
+    d = loop.devices
+    indices = parallel.host_local_batch_indices(loop.iterator.next_indices(), d.process_index, d.process_count)
+    batch = loop.images[indices]  # [B / processes, H, W, C] float32
+    if loop.hooks.corrupt_batch is not None:
+        batch = loop.hooks.corrupt_batch(loop.step + 1, batch)
+    loop.state, metrics = loop.step_fn(loop.state, batch, loop.train_key)
+    loop.step += 1
+    loop.pending.append((loop.step, metrics))
+    if not loop.first_step_done:  # the first step includes compilation: keep it out of img/s
+        jax.block_until_ready(metrics)
+        loop.first_step_done = True
+        loop.progress.message(f"compiled and ran the first step in {time.perf_counter() - loop.timer:.1f}s")
+        loop.restart_timer()
+
+
+def _should_stop(loop: _Loop, interrupt: InterruptFlag, at_boundary: bool) -> bool:
+    """Ctrl-C seen; with several processes only at steps every one of them checks, once all agree."""
+    if loop.devices.process_count == 1:
+        return interrupt.raised
+    return at_boundary and any_process(interrupt.raised, loop.devices)
+
+
+def _after_step(loop: _Loop, interrupt: InterruptFlag) -> bool:
+    """Logging, checkpoint, sample grid and progress after a step; True to stop (Ctrl-C)."""
+    c = loop.config
+    at_log = loop.step % c.log_every == 0
+    at_checkpoint = loop.step % c.checkpoint_every == 0 or loop.step == c.steps
+    stop = _should_stop(loop, interrupt, at_log or at_checkpoint)
+    at_checkpoint = at_checkpoint or stop
+    if at_log or at_checkpoint:
+        _flush_metrics(loop)  # raises NonFiniteLossError before a bad state is saved
+    if at_checkpoint:
+        _save(loop)
+        _plot(loop)
+        loop.restart_timer()
+    if c.sample_every and loop.step % c.sample_every == 0 and loop.step < c.steps and not stop:
+        if loop.devices.primary:
+            os.makedirs(os.path.dirname(loop.files.step_samples(loop.step)), exist_ok=True)
+            save_grid(loop.files.step_samples(loop.step), loop.sample_grid(loop.state))
+        loop.restart_timer()
+    loop.progress.update(loop.step)
+    if loop.hooks.after_step is not None:
+        loop.hooks.after_step(loop.step)
+    return stop
+
+
+def _run(loop: _Loop) -> int:
+    """Steps until ``--steps`` or Ctrl-C; EXIT_OK or EXIT_INTERRUPTED (a checkpoint saved)."""
+    try:
+        with InterruptFlag() as interrupt:
+            while loop.step < loop.config.steps:
+                _train_one_step(loop)
+                if _after_step(loop, interrupt):
+                    return EXIT_INTERRUPTED
+    finally:
+        loop.progress.close()
+        loop.manager.close()
+    return EXIT_OK
+
+
+def _finish(loop: _Loop, status: int, stream: TextIO) -> int:
+    """The final grid and plot (or, interrupted, the plot and where the checkpoint is)."""
+    c, primary = loop.config, loop.devices.primary
+    if status == EXIT_INTERRUPTED:
+        _plot(loop, force=True)
+        if primary:
+            print(f"jax-ddpm: interrupted; saved checkpoint {loop.step} in {ckpt.checkpoint_dir(c.workdir)}",
+                  file=stream)
+        return status
+    if primary:
+        t0 = time.perf_counter()
+        save_grid(loop.files.samples, loop.sample_grid(loop.state))
+        loop.progress.message(f"sampled {c.num_samples} images in {time.perf_counter() - t0:.1f}s")
+        _plot(loop, force=True)
+        if not c.quiet:
+            print(f"trained {c.workdir} to step {loop.step}; samples: {loop.files.samples}")
+    return EXIT_OK
+
+
+def _already_trained(config: TrainConfig, devices: Devices, restored: _Restored, keys: Mapping[str, jax.Array],
+                     progress: Progress) -> int:
+    files = RunFiles(config.workdir)
+    if devices.primary and not os.path.exists(files.samples):  # killed between the last checkpoint and the grid
+        save_grid(files.samples, _sample_grid_fn(config, keys)(restored.state))
+    progress.message(f"{config.workdir}: already at step {restored.start} (--steps {config.steps}); nothing to train")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- entry point
+def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks | None = None) -> int:
+    """Runs ``jax-ddpm train``. Returns the exit status (0, 130 on Ctrl-C).
+
+    Raises:
+      ConfigError, DataError, CheckpointError: bad input, before anything in the work
+        folder is changed.
+      NonFiniteLossError: after stopping on a non-finite loss (the last good checkpoint kept;
+        exit status 3 in the command).
+    """
+    stream = stream or sys.stderr
+    devices = setup_devices(config)  # first: jax.distributed.initialize must precede any other JAX call
+    images, data_fp = _load_data(config)
+    keys = run_keys(config.seed)
+    restored = _restore(config, devices, data_fp, keys)  # checks everything before touching the folder
+    progress = Progress(config.steps, config.quiet or not devices.primary, stream)
+    if restored.start >= config.steps:
+        return _already_trained(config, devices, restored, keys, progress)
+    loop = _start(config, devices, images, data_fp, restored, keys, progress, hooks or TrainHooks())
+    return _finish(loop, _run(loop), stream)
+
+
+__all__ = ["NonFiniteLossError", "PLOT_EVERY_S", "TrainHooks", "train"]
