@@ -26,7 +26,17 @@ from jax_ddpm.schedules import make_schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-SMALL_FIELDS = {"chapter": {"features": (4, 8, 8, 8), "time_emb_dim": 8}}
+SMALL_FIELDS = {"chapter": {"features": (4, 8, 8, 8), "time_emb_dim": 8}, "unet2d": {}}
+
+
+def _small_config(arch: Architecture):
+    """A config small enough to compile in a second or two (the unet2d default is the digits model)."""
+    if arch.name == "unet2d":
+        return arch.config_cls(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                               down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                               up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
+                               attention_head_dim=4)
+    return arch.config_from_fields(1, **SMALL_FIELDS[arch.name])
 
 
 def _paths(tree) -> set[tuple[str, ...]]:
@@ -36,7 +46,7 @@ def _paths(tree) -> set[tuple[str, ...]]:
 @pytest.fixture(scope="module", params=registry.ARCH_NAMES)
 def built(request):
     arch = registry.get_arch(request.param)
-    config = arch.config_from_fields(1, **SMALL_FIELDS[arch.name])
+    config = _small_config(arch)
     model = arch.build(config)
     size = arch.size_multiple(config)
     variables = jax.jit(model.init, static_argnames="train")(
@@ -44,10 +54,13 @@ def built(request):
     return arch, config, model, variables
 
 
-def test_every_arch_names_the_small_fields():
+def test_every_arch_builds_its_config_from_the_fields_it_names():
     assert set(SMALL_FIELDS) == set(registry.ARCH_NAMES)
     for name in registry.ARCH_NAMES:
-        assert set(SMALL_FIELDS[name]) == set(registry.get_arch(name).fields)
+        arch = registry.get_arch(name)
+        assert set(SMALL_FIELDS[name]) == set(arch.fields)
+        config = arch.config_from_fields(3, **SMALL_FIELDS[name])
+        assert isinstance(config, arch.config_cls) and arch.from_metadata(arch.to_metadata(config)) == config
 
 
 def test_weight_table_covers_exactly_the_variables(built):
@@ -78,7 +91,7 @@ def test_size_multiple_is_enforced(built):
 
 
 def test_unknown_arch_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match=r"arch must be one of chapter, got 'nope'"):
+    with pytest.raises(ValueError, match=r"arch must be one of chapter, unet2d, got 'nope'"):
         registry.get_arch("nope")
 
 

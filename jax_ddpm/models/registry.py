@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import chapter_unet
+from . import chapter_unet, unet2d
 from .arch import Architecture
 
-_ENTRIES: tuple[Architecture, ...] = (chapter_unet.ARCH,)
+_ENTRIES: tuple[Architecture, ...] = (chapter_unet.ARCH, unet2d.ARCH)
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _ENTRIES}
 ARCH_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
 DEFAULT_ARCH = "chapter"  # what a work folder or safetensors file without an ``arch`` field holds

@@ -1,0 +1,706 @@
+"""diffusers' ``UNet2DModel`` (Ho et al.'s DDPM U-Net) as a Flax Linen module, NHWC, and its
+registry entry ``ARCH`` (arch ``unet2d``).
+
+The configuration is :class:`UNet2DConfig`, whose fields are diffusers 0.42.1's
+``UNet2DModel.__init__`` arguments with their names, meanings and defaults, so a diffusers
+``config.json`` maps onto it key for key (``jax_ddpm.diffusers_io``). What this port does not
+implement is refused in ``__post_init__`` with :class:`~jax_ddpm.models.arch.ArchConfigError`
+naming the field and the value; nothing is approximated.
+
+Module names are diffusers' attribute paths with ``.`` before an index written ``_``
+(``down_blocks.0.resnets.1.conv1`` -> ``down_blocks_0/resnets_1/conv1``; the attention's
+``to_out.0`` -> ``to_out_0``), so :func:`weight_table` is a table. The forward pass follows
+diffusers' code (``models/unets/unet_2d.py``, ``unet_2d_blocks.py``, ``resnet.py``,
+``attention_processor.py``, ``embeddings.py``) op for op; the details that matter numerically
+are in ``/work/shared/reference/diffusers.md`` and in the docstrings below. The model knows
+nothing about diffusion.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from .arch import ArchConfigError, Architecture, WeightRow
+from .convolutions import decomposed_conv, resolve_conv_impl
+from .layers import torch_bias_init, torch_kernel_init
+
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2D", None)
+ACT_FNS = ("silu", "swish")  # diffusers' get_activation maps both to nn.SiLU
+METADATA_KEY = "unet2d_config"  # safetensors metadata: the config as one JSON object
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+# ----------------------------------------------------------------------------- the config
+@dataclass(frozen=True)
+class UNet2DConfig:
+    """diffusers' ``UNet2DModel`` arguments (0.42.1), same names, meanings and defaults.
+
+    Implemented: everything with the values listed here. Refused (``ArchConfigError``):
+    ``time_embedding_type`` other than ``positional`` (fourier, learned), block types other
+    than ``DownBlock2D``/``AttnDownBlock2D``/``UpBlock2D``/``AttnUpBlock2D`` (a ``UNetRes``
+    prefix is stripped, as diffusers does), ``act_fn`` other than silu/swish,
+    ``resnet_time_scale_shift`` other than ``default``, ``downsample_type``/``upsample_type``
+    other than ``conv`` (or None, diffusers' "conv"), ``downsample_padding`` other than 0/1
+    (others break the skip shapes), ``class_embed_type``/``num_class_embeds`` other than None,
+    ``norm_num_groups`` None, group counts that do not divide a normalised channel count,
+    ``attention_head_dim`` not dividing an attention's channels.
+
+    ``sample_size`` (the pipeline's image size) and ``num_train_timesteps`` (only read by
+    ``time_embedding_type="learned"``) do not enter the forward pass; they are kept so that a
+    config round-trips. ``attention_head_dim`` None means one head (head_dim = channels).
+    """
+
+    sample_size: int | tuple[int, int] | None = None
+    in_channels: int = 3
+    out_channels: int = 3
+    center_input_sample: bool = False
+    time_embedding_type: str = "positional"
+    time_embedding_dim: int | None = None
+    freq_shift: float = 0
+    flip_sin_to_cos: bool = True
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2D"
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
+    layers_per_block: int = 2
+    mid_block_scale_factor: float = 1
+    downsample_padding: int = 1
+    downsample_type: str | None = "conv"
+    upsample_type: str | None = "conv"
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    attention_head_dim: int | None = 8
+    norm_num_groups: int | None = 32
+    attn_norm_num_groups: int | None = None
+    norm_eps: float = 1e-5
+    resnet_time_scale_shift: str = "default"
+    add_attention: bool = True
+    class_embed_type: str | None = None
+    num_class_embeds: int | None = None
+    num_train_timesteps: int | None = None
+
+    def __post_init__(self):
+        def fix(name, value):
+            object.__setattr__(self, name, value)
+
+        def refuse(name, what):
+            raise ArchConfigError(name, f"{what}, got {getattr(self, name)!r}")
+
+        for name in ("down_block_types", "up_block_types", "block_out_channels"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, Sequence):
+                refuse(name, "must be a list")
+            fix(name, tuple(value))
+        strip = lambda s: s[7:] if isinstance(s, str) and s.startswith("UNetRes") else s  # noqa: E731 (diffusers)
+        fix("down_block_types", tuple(strip(s) for s in self.down_block_types))
+        fix("up_block_types", tuple(strip(s) for s in self.up_block_types))
+        if isinstance(self.sample_size, Sequence) and not isinstance(self.sample_size, str):
+            fix("sample_size", tuple(self.sample_size))
+
+        ss = self.sample_size
+        if not (ss is None or (_is_int(ss) and ss > 0)
+                or (isinstance(ss, tuple) and len(ss) == 2 and all(_is_int(v) and v > 0 for v in ss))):
+            refuse("sample_size", "must be None, a positive integer or [height, width]")
+        for name in ("in_channels", "out_channels", "layers_per_block"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                refuse(name, "must be a positive integer")
+        for name in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                refuse(name, "must be true or false")
+        if self.time_embedding_type != "positional":
+            refuse("time_embedding_type", "only 'positional' is implemented (not fourier or learned)")
+        if self.time_embedding_dim is not None and (not _is_int(self.time_embedding_dim)
+                                                    or self.time_embedding_dim < 1):
+            refuse("time_embedding_dim", "must be None (4 * block_out_channels[0]) or a positive integer")
+        n = len(self.block_out_channels)
+        if n < 1 or any(not _is_int(c) or c < 1 for c in self.block_out_channels):
+            refuse("block_out_channels", "must be a non-empty list of positive integers")
+        if not _is_number(self.freq_shift) or not math.isfinite(self.freq_shift):
+            refuse("freq_shift", "must be a number")
+        if self.block_out_channels[0] // 2 - self.freq_shift == 0:
+            refuse("freq_shift", "makes block_out_channels[0] // 2 - freq_shift zero (a division by zero)")
+        for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+            bad = [s for s in getattr(self, name) if s not in allowed]
+            if bad:
+                raise ArchConfigError(name, f"only {' and '.join(allowed)} are implemented, got {bad[0]!r}")
+            if len(getattr(self, name)) != n:
+                raise ArchConfigError(name, f"needs one entry per block_out_channels ({n}), "
+                                      f"got {len(getattr(self, name))}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            refuse("mid_block_type", "only 'UNetMidBlock2D' or None is implemented")
+        if not _is_number(self.mid_block_scale_factor) or not self.mid_block_scale_factor > 0:
+            refuse("mid_block_scale_factor", "must be a positive number")
+        if not _is_int(self.downsample_padding) or self.downsample_padding not in (0, 1):
+            refuse("downsample_padding", "must be 0 (pad right/bottom) or 1")
+        for name in ("downsample_type", "upsample_type"):
+            if getattr(self, name) not in ("conv", None):
+                refuse(name, "only 'conv' is implemented")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            refuse("dropout", "must be in [0, 1)")
+        if self.act_fn not in ACT_FNS:
+            refuse("act_fn", "only silu (swish) is implemented")
+        if not _is_number(self.norm_eps) or not self.norm_eps > 0:
+            refuse("norm_eps", "must be a positive number")
+        if self.resnet_time_scale_shift != "default":
+            refuse("resnet_time_scale_shift", "only 'default' is implemented")
+        if self.class_embed_type is not None:
+            refuse("class_embed_type", "class conditioning is not implemented: must be None")
+        if self.num_class_embeds is not None:
+            refuse("num_class_embeds", "class conditioning is not implemented: must be None")
+        if self.num_train_timesteps is not None and not _is_int(self.num_train_timesteps):
+            refuse("num_train_timesteps", "must be None or an integer")
+        if not _is_int(self.norm_num_groups) or self.norm_num_groups < 1:
+            refuse("norm_num_groups", "must be a positive integer")
+        if self.attn_norm_num_groups is not None and (not _is_int(self.attn_norm_num_groups)
+                                                      or self.attn_norm_num_groups < 1):
+            refuse("attn_norm_num_groups", "must be None or a positive integer")
+        if self.attention_head_dim is not None and (not _is_int(self.attention_head_dim)
+                                                    or self.attention_head_dim < 1):
+            refuse("attention_head_dim", "must be None (one head) or a positive integer")
+        plan = channel_plan(self)
+        for field_name, groups in (("norm_num_groups", self.norm_num_groups),
+                                   ("attn_norm_num_groups", self.attn_norm_num_groups)):
+            for where, channels in plan[field_name]:
+                if channels % groups:
+                    raise ArchConfigError(field_name, f"{groups} groups do not divide the {channels} channels of "
+                                          f"{where}, got {groups}")
+        for where, channels in plan["attention"]:
+            head_dim = self.attention_head_dim or channels
+            if channels % head_dim:
+                raise ArchConfigError("attention_head_dim", f"does not divide the {channels} channels of {where}, "
+                                      f"got {self.attention_head_dim}")
+
+    @property
+    def img_channels(self) -> int:
+        """``in_channels`` (the name the chapter's config uses for the image channels)."""
+        return self.in_channels
+
+    @property
+    def time_embed_dim(self) -> int:
+        """The time embedding's width: ``time_embedding_dim or 4 * block_out_channels[0]`` (diffusers)."""
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (tuples as lists)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(UNet2DConfig))
+
+
+def config_from_dict(d: Mapping[str, Any]) -> UNet2DConfig:
+    """``UNet2DConfig(**d)``, refusing keys that are not fields (ArchConfigError naming the key).
+
+    Missing keys take diffusers' defaults, as in diffusers.
+    """
+    for key in d:
+        if key not in CONFIG_FIELDS:
+            raise ArchConfigError(str(key), f"is not a UNet2DModel setting this port implements (diffusers 0.42.1); "
+                                  f"refused rather than ignored, got {d[key]!r}")
+    return UNet2DConfig(**dict(d))
+
+
+def channel_plan(config: UNet2DConfig) -> dict[str, list[tuple[str, int]]]:
+    """Where each GroupNorm and attention sits and its channel count, following the skip
+    stack exactly as the forward pass builds it: ``{'norm_num_groups': [(module, C)],
+    'attn_norm_num_groups': [...], 'attention': [...], 'resnets': [(module, C_in, C_out)]}``."""
+    boc, layers = config.block_out_channels, config.layers_per_block
+    n = len(boc)
+    out = {"norm_num_groups": [], "attn_norm_num_groups": [], "attention": [], "resnets": []}
+
+    def resnet(where, c_in, c_out):
+        out["resnets"].append((where, c_in, c_out))
+        out["norm_num_groups"] += [(f"{where}.norm1", c_in), (f"{where}.norm2", c_out)]
+
+    def attention(where, c, groups_field="norm_num_groups"):
+        out["attention"].append((where, c))
+        if groups_field == "attn_norm_num_groups" and config.attn_norm_num_groups is not None:
+            out["attn_norm_num_groups"].append((f"{where}.group_norm", c))
+        else:
+            out["norm_num_groups"].append((f"{where}.group_norm", c))
+
+    ch, skips = boc[0], [boc[0]]
+    for i, kind in enumerate(config.down_block_types):
+        for j in range(layers):
+            resnet(f"down_blocks.{i}.resnets.{j}", ch, boc[i])
+            ch = boc[i]
+            if kind == "AttnDownBlock2D":
+                attention(f"down_blocks.{i}.attentions.{j}", ch)
+            skips.append(ch)
+        if i < n - 1:
+            skips.append(ch)
+    if config.mid_block_type is not None:
+        resnet("mid_block.resnets.0", ch, ch)
+        if config.add_attention:
+            attention("mid_block.attentions.0", ch, "attn_norm_num_groups")
+        resnet("mid_block.resnets.1", ch, ch)
+    for i, kind in enumerate(config.up_block_types):
+        c_out = boc[n - 1 - i]
+        for j in range(layers + 1):
+            resnet(f"up_blocks.{i}.resnets.{j}", ch + skips.pop(), c_out)
+            ch = c_out
+            if kind == "AttnUpBlock2D":
+                attention(f"up_blocks.{i}.attentions.{j}", ch)
+    out["norm_num_groups"].append(("conv_norm_out", boc[0]))
+    return out
+
+
+# ----------------------------------------------------------------------------- layers
+def _conv(features: int, kernel: int, fan_in: int, *, stride: int = 1, padding=((1, 1), (1, 1)),
+          dtype: Any, conv_impl: str, name: str) -> nn.Conv:
+    """torch's ``Conv2d`` (default init, explicit padding) in NHWC."""
+    conv_fn = decomposed_conv if resolve_conv_impl(conv_impl) == "decomposed" else None
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
+                   param_dtype=jnp.float32, kernel_init=torch_kernel_init(fan_in), bias_init=torch_bias_init(fan_in),
+                   conv_general_dilated=conv_fn, name=name)
+
+
+def _dense(features: int, fan_in: int, *, dtype: Any, name: str) -> nn.Dense:
+    """torch's ``Linear`` (default init)."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=torch_kernel_init(fan_in),
+                    bias_init=torch_bias_init(fan_in), name=name)
+
+
+def _stats_dtype(dtype) -> Any:
+    """float32 for float32/bf16/fp16 activations, float64 for float64 ones."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+class GroupNorm(nn.Module):
+    """``torch.nn.GroupNorm(num_groups, C, eps, affine=True)`` over NHWC (or [B, N, C]) input.
+
+    Biased variance of ``x - mean`` (not E[x^2] - E[x]^2: flax's fast variance loses digits
+    when |mean| >> std). Statistics in float32 (float64 for float64 input); parameters
+    ``scale`` (torch ``weight``) and ``bias``.
+    """
+
+    num_groups: int
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        sd = _stats_dtype(x.dtype)
+        xs = x.astype(sd)
+        g = xs.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)   # [B, N, G, C/G]
+        mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+        y = ((g - mean) * (1 / jnp.sqrt(var + self.epsilon))).reshape(x.shape)
+        y = y * scale.astype(sd) + bias.astype(sd)
+        return y.astype(x.dtype)
+
+
+def timestep_frequencies(dim: int, freq_shift: float, max_period: float = 10000.0) -> np.ndarray:
+    """diffusers' ``exp(-ln(max_period) * arange(dim // 2) / (dim // 2 - freq_shift))``, float32 [dim // 2].
+
+    A constant: the exponent formed in float32 exactly as torch forms it (``-ln(10000)``
+    rounded to float32, times the float32 ``arange``, divided by the float32 ``half - shift``:
+    bit-identical to torch's), then its exp correctly rounded (float64 exp, rounded once).
+    torch's float32 exp is not correctly rounded everywhere (platform-dependent vector code):
+    measured on the development CPU, 1 ulp off this table in 932 of 89,698 entries over dims
+    4..598 and shifts 0, 1, never more; the tiny configs of the tests agree exactly, but e.g.
+    dim 64 with shift 0 has one such entry (k = 3, f = 0.42), which moves sin(t f) by up to
+    t ulp(f) = 3e-5 at t = 999: float32 parity is unaffected (1.2e-6), float64 parity drops
+    to 7e-7 at large t. XLA's float32 exp is worse (diffusers.md), hence the constant.
+    """
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - freq_shift)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jnp.ndarray:
+    """diffusers' ``get_timestep_embedding``: [B] -> [B, dim] float32, ``cat(sin, cos)``
+    (``cat(cos, sin)`` with ``flip_sin_to_cos``), a zero column appended for odd ``dim``.
+
+    Always float32, as diffusers (the caller casts to the compute dtype).
+    """
+    freqs = jnp.asarray(timestep_frequencies(dim, freq_shift))
+    arg = t.astype(jnp.float32)[:, None] * freqs[None, :]                  # [B, dim // 2]
+    parts = (jnp.cos(arg), jnp.sin(arg)) if flip_sin_to_cos else (jnp.sin(arg), jnp.cos(arg))
+    emb = jnp.concatenate(parts, axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """``linear_1 -> SiLU -> linear_2`` (diffusers' ``TimestepEmbedding``)."""
+
+    in_dim: int
+    dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: jnp.ndarray) -> jnp.ndarray:
+        h = nn.silu(_dense(self.dim, self.in_dim, dtype=self.dtype, name="linear_1")(emb))
+        return _dense(self.dim, self.dim, dtype=self.dtype, name="linear_2")(h)
+
+
+class ResnetBlock2D(nn.Module):
+    """``GN -> SiLU -> conv1; + time_emb_proj(SiLU(temb)); GN -> SiLU -> dropout -> conv2``,
+    a 1x1 ``conv_shortcut`` iff C_in != C_out, ``(x + h) / output_scale_factor``."""
+
+    out_channels: int
+    groups: int
+    eps: float
+    dropout: float = 0.0
+    output_scale_factor: float = 1.0
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
+        c_in, c_out = x.shape[-1], self.out_channels
+        cv = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1")(x))
+        h = _conv(c_out, 3, c_in * 9, name="conv1", **cv)(h)                   # [B, H, W, C_out]
+        temb = _dense(c_out, temb.shape[-1], dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+        h = h + temb[:, None, None, :]
+        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2")(h))
+        # init needs no dropout key (dropout does not change the parameters' shapes)
+        h = nn.Dropout(self.dropout, deterministic=not train or self.is_initializing())(h)
+        h = _conv(c_out, 3, c_out * 9, name="conv2", **cv)(h)
+        if c_in != c_out:
+            x = _conv(c_out, 1, c_in, padding=((0, 0), (0, 0)), name="conv_shortcut", **cv)(x)
+        return (x + h) / jnp.asarray(self.output_scale_factor, h.dtype)
+
+
+class AttentionBlock(nn.Module):
+    """diffusers' ``Attention(_from_deprecated_attn_block=True)`` over the H*W tokens (row-major):
+    ``GN -> to_q/to_k/to_v (bias) -> softmax(q k^T / sqrt(head_dim)) v per head -> to_out.0``,
+    ``+ x``, ``/ rescale_output_factor``. Softmax in float32 (float64 for float64 input)."""
+
+    head_dim: int | None  # None: one head
+    groups: int
+    eps: float
+    rescale_output_factor: float = 1.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        b, h, w, c = x.shape
+        d = self.head_dim or c
+        heads = c // d
+        tokens = x.reshape(b, h * w, c)                                        # [B, N, C]
+        hs = GroupNorm(self.groups, self.eps, name="group_norm")(tokens)
+        q, k, v = (_dense(heads * d, c, dtype=self.dtype, name=n)(hs).reshape(b, h * w, heads, d)
+                   for n in ("to_q", "to_k", "to_v"))                          # [B, N, heads, d]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(1 / math.sqrt(d), q.dtype)
+        probs = nn.softmax(scores.astype(_stats_dtype(q.dtype)), axis=-1).astype(v.dtype)
+        o = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, h * w, heads * d)
+        o = _dense(c, heads * d, dtype=self.dtype, name="to_out_0")(o).reshape(b, h, w, c)
+        return (o + x) / jnp.asarray(self.rescale_output_factor, o.dtype)
+
+
+class Downsample2D(nn.Module):
+    """3x3 stride-2 ``conv``; ``padding`` 0 pads right and bottom by one (TF SAME), 1 pads all sides."""
+
+    padding: int
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        c = x.shape[-1]
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else ((self.padding, self.padding),) * 2
+        return _conv(c, 3, c * 9, stride=2, padding=pad, dtype=self.dtype, conv_impl=self.conv_impl,
+                     name="conv")(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest 2x (each pixel repeated) then a 3x3 ``conv``."""
+
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        c = x.shape[-1]
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)                    # [B, 2H, 2W, C]
+        return _conv(c, 3, c * 9, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x)
+
+
+class DownBlock2D(nn.Module):
+    """``DownBlock2D`` / ``AttnDownBlock2D`` (``attention``): ``resnets_j`` [+ ``attentions_j``],
+    then ``downsamplers_0`` unless it is the last block. Returns (h, the states pushed as skips)."""
+
+    out_channels: int
+    num_layers: int
+    attention: bool
+    add_downsample: bool
+    resnet: Mapping[str, Any]
+    attn: Mapping[str, Any]
+    downsample_padding: int = 1
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray, temb: jnp.ndarray, train: bool):
+        skips = []
+        for j in range(self.num_layers):
+            h = ResnetBlock2D(self.out_channels, name=f"resnets_{j}", **self.resnet)(h, temb, train)
+            if self.attention:
+                h = AttentionBlock(name=f"attentions_{j}", **self.attn)(h)
+            skips.append(h)
+        if self.add_downsample:
+            h = Downsample2D(self.downsample_padding, dtype=self.resnet["dtype"], conv_impl=self.resnet["conv_impl"],
+                             name="downsamplers_0")(h)                          # [B, H/2, W/2, C]
+            skips.append(h)
+        return h, skips
+
+
+class UpBlock2D(nn.Module):
+    """``UpBlock2D`` / ``AttnUpBlock2D``: per layer ``cat([h, skip])`` (the skip popped from the
+    end), ``resnets_j`` [+ ``attentions_j``]; then ``upsamplers_0`` unless it is the last block."""
+
+    out_channels: int
+    num_layers: int
+    attention: bool
+    add_upsample: bool
+    resnet: Mapping[str, Any]
+    attn: Mapping[str, Any]
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray, skips: Sequence[jnp.ndarray], temb: jnp.ndarray, train: bool):
+        skips = list(skips)
+        for j in range(self.num_layers):
+            h = jnp.concatenate([h, skips.pop()], axis=-1)                     # [B, h, w, C + C_skip]
+            h = ResnetBlock2D(self.out_channels, name=f"resnets_{j}", **self.resnet)(h, temb, train)
+            if self.attention:
+                h = AttentionBlock(name=f"attentions_{j}", **self.attn)(h)
+        if self.add_upsample:
+            h = Upsample2D(dtype=self.resnet["dtype"], conv_impl=self.resnet["conv_impl"],
+                           name="upsamplers_0")(h)                             # [B, 2h, 2w, C]
+        return h
+
+
+class UNetMidBlock2D(nn.Module):
+    """``resnets_0 [-> attentions_0] -> resnets_1``, all with ``output_scale_factor``
+    (the config's ``mid_block_scale_factor``)."""
+
+    channels: int
+    add_attention: bool
+    output_scale_factor: float
+    resnet: Mapping[str, Any]
+    attn: Mapping[str, Any]
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
+        s = self.output_scale_factor
+        h = ResnetBlock2D(self.channels, output_scale_factor=s, name="resnets_0", **self.resnet)(h, temb, train)
+        if self.add_attention:
+            h = AttentionBlock(rescale_output_factor=s, name="attentions_0", **self.attn)(h)
+        return ResnetBlock2D(self.channels, output_scale_factor=s, name="resnets_1", **self.resnet)(h, temb, train)
+
+
+class UNet2DModel(nn.Module):
+    """diffusers' ``UNet2DModel`` (positional time embedding, no class labels). Input and output
+    [B, H, W, C]; ``t`` [B] (integer or real timesteps).
+
+    The fields are :class:`UNet2DConfig`'s (unpacked by :func:`build`). H and W must be
+    divisible by ``2 ** (len(block_out_channels) - 1)``. ``dtype`` is the compute dtype;
+    parameters are float32, GroupNorm statistics and the attention softmax float32 (float64
+    for a float64 model), the time embedding's sinusoids float32 whatever the dtype (as
+    diffusers) and the output float32 (float64 for a float64 model). ``conv_impl`` chooses how convolutions are written
+    (:func:`~jax_ddpm.models.convolutions.resolve_conv_impl`: ``'decomposed'`` rewrites
+    stride-1 convolutions on maps no larger than the kernel as im2col; the 3x3 stride-2
+    downsampling convolution stays XLA's), not what they compute; parameters are the same.
+    ``train=True`` with ``dropout > 0`` needs ``rngs={'dropout': key}`` (``init`` does not).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    mid_block: bool = True
+    add_attention: bool = True
+    attention_head_dim: int | None = None
+    norm_num_groups: int = 8
+    attn_norm_num_groups: int | None = None
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    center_input_sample: bool = False
+    time_embed_dim: int | None = None  # None: 4 * block_out_channels[0]
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        boc = tuple(self.block_out_channels)
+        n = len(boc)
+        multiple = 2 ** (n - 1)
+        b, hgt, wid, c = x.shape
+        if hgt % multiple or wid % multiple:
+            raise ValueError(f"image height and width must be divisible by {multiple}, got {hgt}x{wid}")
+        if c != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} channels, got {c}")
+        t = jnp.broadcast_to(jnp.asarray(t), (b,))
+        cv = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        res = dict(groups=self.norm_num_groups, eps=self.norm_eps, dropout=self.dropout, **cv)
+        att = dict(head_dim=self.attention_head_dim, groups=self.norm_num_groups, eps=self.norm_eps,
+                   dtype=self.dtype)
+
+        x = x.astype(self.dtype)
+        if self.center_input_sample:
+            x = 2 * x - 1.0
+        temb = timestep_embedding(t, boc[0], self.flip_sin_to_cos, self.freq_shift).astype(self.dtype)
+        temb = TimestepEmbedding(boc[0], self.time_embed_dim or 4 * boc[0], dtype=self.dtype,
+                                 name="time_embedding")(temb)                  # [B, D_t]
+
+        h = _conv(boc[0], 3, c * 9, name="conv_in", **cv)(x)                   # [B, H, W, C0]
+        skips = [h]
+        for i, kind in enumerate(self.down_block_types):
+            h, pushed = DownBlock2D(boc[i], self.layers_per_block, kind == "AttnDownBlock2D", i < n - 1, res, att,
+                                    self.downsample_padding, name=f"down_blocks_{i}")(h, temb, train)
+            skips += pushed
+        if self.mid_block:
+            groups = self.attn_norm_num_groups or self.norm_num_groups
+            h = UNetMidBlock2D(boc[-1], self.add_attention, self.mid_block_scale_factor, res,
+                               dict(att, groups=groups), name="mid_block")(h, temb, train)
+        for i, kind in enumerate(self.up_block_types):
+            k = self.layers_per_block + 1
+            h = UpBlock2D(boc[n - 1 - i], k, kind == "AttnUpBlock2D", i < n - 1, res, att,
+                          name=f"up_blocks_{i}")(h, skips[-k:], temb, train)
+            skips = skips[:-k]
+
+        h = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out")(h))
+        out = _conv(self.out_channels, 3, boc[0] * 9, name="conv_out", **cv)(h)  # [B, H, W, C_out]
+        return out.astype(_stats_dtype(self.dtype))  # float32 (float64 for a float64 model)
+
+
+# ----------------------------------------------------------------------------- registry entry
+def build(config: UNet2DConfig, *, dtype: Any = jnp.float32, conv_impl: str = "auto") -> UNet2DModel:
+    """The module for ``config`` (its fields unpacked; the ones that do not enter the forward
+    pass, ``sample_size`` and ``num_train_timesteps``, left behind)."""
+    return UNet2DModel(
+        in_channels=config.in_channels, out_channels=config.out_channels,
+        block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
+        down_block_types=config.down_block_types, up_block_types=config.up_block_types,
+        mid_block=config.mid_block_type is not None, add_attention=config.add_attention,
+        attention_head_dim=config.attention_head_dim, norm_num_groups=config.norm_num_groups,
+        attn_norm_num_groups=config.attn_norm_num_groups, norm_eps=config.norm_eps, dropout=config.dropout,
+        flip_sin_to_cos=bool(config.flip_sin_to_cos), freq_shift=config.freq_shift,
+        downsample_padding=config.downsample_padding, mid_block_scale_factor=config.mid_block_scale_factor,
+        center_input_sample=bool(config.center_input_sample), time_embed_dim=config.time_embed_dim,
+        dtype=dtype, conv_impl=conv_impl)
+
+
+def _module_rows(torch_prefix: str, flax_path: tuple[str, ...], kind: str) -> list[WeightRow]:
+    p = ("params",) + flax_path
+    if kind == "conv":
+        return [(f"{torch_prefix}.weight", p + ("kernel",), "conv"), (f"{torch_prefix}.bias", p + ("bias",), "same")]
+    if kind == "dense":
+        return [(f"{torch_prefix}.weight", p + ("kernel",), "dense"), (f"{torch_prefix}.bias", p + ("bias",), "same")]
+    if kind == "norm":
+        return [(f"{torch_prefix}.weight", p + ("scale",), "same"), (f"{torch_prefix}.bias", p + ("bias",), "same")]
+    raise AssertionError(kind)
+
+
+def _flax_path(torch_prefix: str) -> tuple[str, ...]:
+    """``down_blocks.0.resnets.1.conv1`` -> ``('down_blocks_0', 'resnets_1', 'conv1')``."""
+    parts, out = torch_prefix.split("."), []
+    for part in parts:
+        if part.isdigit():
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+def _rows(torch_prefix: str, kind: str) -> list[WeightRow]:
+    return _module_rows(torch_prefix, _flax_path(torch_prefix), kind)
+
+
+def weight_table(config: UNet2DConfig) -> list[WeightRow]:
+    """Rows (torch_name, flax_path, layout) for every tensor of ``config``'s model, named as
+    diffusers 0.42.1's ``UNet2DModel.state_dict()`` (attention: ``to_q/to_k/to_v/to_out.0``)."""
+    plan = channel_plan(config)
+    rows = _rows("conv_in", "conv") + _rows("time_embedding.linear_1", "dense") + \
+        _rows("time_embedding.linear_2", "dense")
+    for where, c_in, c_out in plan["resnets"]:
+        rows += _rows(f"{where}.norm1", "norm") + _rows(f"{where}.conv1", "conv") + \
+            _rows(f"{where}.time_emb_proj", "dense") + _rows(f"{where}.norm2", "norm") + _rows(f"{where}.conv2", "conv")
+        if c_in != c_out:
+            rows += _rows(f"{where}.conv_shortcut", "conv")
+    for where, _ in plan["attention"]:
+        rows += _rows(f"{where}.group_norm", "norm")
+        rows += [r for n in ("to_q", "to_k", "to_v", "to_out.0") for r in _rows(f"{where}.{n}", "dense")]
+    n = len(config.block_out_channels)
+    for i in range(n - 1):
+        rows += _rows(f"down_blocks.{i}.downsamplers.0.conv", "conv")
+        rows += _rows(f"up_blocks.{i}.upsamplers.0.conv", "conv")
+    rows += _rows("conv_norm_out", "norm") + _rows("conv_out", "conv")
+    return rows
+
+
+def size_multiple(config: UNet2DConfig) -> int:
+    """``2 ** (number of downsamplings)`` = ``2 ** (len(block_out_channels) - 1)``."""
+    return 2 ** (len(config.block_out_channels) - 1)
+
+
+def to_metadata(config: UNet2DConfig) -> dict[str, str]:
+    """``{'arch': 'unet2d', 'unet2d_config': <the config as one JSON object>}``."""
+    return {"arch": "unet2d", METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+
+
+def from_metadata(meta: Mapping[str, str]) -> UNet2DConfig:
+    """Inverse of :func:`to_metadata`. Raises ValueError (ArchConfigError naming a field)."""
+    if METADATA_KEY not in meta:
+        raise ValueError(f"metadata lacks {METADATA_KEY}")
+    try:
+        d = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"metadata {METADATA_KEY} is not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"metadata {METADATA_KEY} is not a JSON object")
+    return config_from_dict(d)
+
+
+def default_config(channels: int = 1) -> UNet2DConfig:
+    """A digits-sized model (1.11 M parameters): 3 levels (32, 64, 64), one resnet per
+    level, attention at the lowest resolution (4x4 for 16x16 images) and in the mid block,
+    head_dim 16, 8 groups, sample_size 16; everything else diffusers' defaults."""
+    return UNet2DConfig(sample_size=16, in_channels=channels, out_channels=channels,
+                        block_out_channels=(32, 64, 64), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                        attention_head_dim=16, norm_num_groups=8)
+
+
+def config_from_fields(channels: int) -> UNet2DConfig:
+    """No ``ModelConfig`` fields yet: the digits-sized :func:`default_config` for ``channels``."""
+    return default_config(channels)
+
+
+ARCH = Architecture(
+    name="unet2d", config_cls=UNet2DConfig, build=build, weight_table=weight_table, has_batch_stats=False,
+    size_multiple=size_multiple, config_from_fields=config_from_fields, fields=(),
+    to_metadata=to_metadata, from_metadata=from_metadata,
+    description="diffusers' UNet2DModel (GroupNorm, attention; Ho et al.'s DDPM U-Net)")
+
+__all__ = ["ARCH", "AttentionBlock", "CONFIG_FIELDS", "DownBlock2D", "Downsample2D", "GroupNorm", "ResnetBlock2D",
+           "TimestepEmbedding", "UNet2DConfig", "UNet2DModel", "UNetMidBlock2D", "UpBlock2D", "Upsample2D",
+           "build", "channel_plan", "config_from_dict", "config_from_fields", "default_config", "from_metadata",
+           "size_multiple", "timestep_embedding", "timestep_frequencies", "to_metadata", "weight_table"]
