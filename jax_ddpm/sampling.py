@@ -42,7 +42,9 @@ def make_sample_fn(model, sampler: str = "ddpm", bn_stats: str = "running", **op
     """Returns ``sample(variables, schedule, x_T, noise) -> x_0``, jitted as one program.
 
     ``bn_stats``: ``'running'`` (eval mode, :func:`model_eps_fn`) or ``'batch'``
-    (:func:`model_eps_fn_batch_stats`).
+    (:func:`model_eps_fn_batch_stats`). A model without BatchNorm (variables without
+    ``batch_stats``) always samples in eval mode: ``bn_stats`` does not apply to it, and its
+    dropout stays off.
     """
     fn = get_sampler(sampler)
     if bn_stats not in BN_STATS:
@@ -51,7 +53,8 @@ def make_sample_fn(model, sampler: str = "ddpm", bn_stats: str = "running", **op
 
     @jax.jit
     def sample(variables, schedule, x_T, noise):
-        return fn(make_eps_fn(model, variables), schedule, x_T, noise, **options)
+        eps_fn_of = make_eps_fn if "batch_stats" in variables else model_eps_fn
+        return fn(eps_fn_of(model, variables), schedule, x_T, noise, **options)
 
     return sample
 

@@ -73,16 +73,19 @@ def train_state_from_variables(variables, apply_fn: Callable, tx: optax.Gradient
                       apply_fn=apply_fn, tx=tx, ema_decay=ema_decay)
 
 
-def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, noise):
+def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, noise, dropout_key=None):
     """Epsilon-MSE on ``x_t = q_sample(x0, t, noise)``; returns (loss, new batch_stats).
 
     ``batch_stats`` None: a model without BatchNorm statistics (returned as None).
+    ``dropout_key``: the key of the model's dropout layers (``rngs={'dropout': key}``); a
+    model without dropout ignores it, a model with dropout > 0 needs it.
     """
     x_t = q_sample(schedule, x0, t, noise)
+    rngs = None if dropout_key is None else {"dropout": dropout_key}
     if batch_stats is None:
-        return eps_mse_loss(apply_fn({"params": params}, x_t, t, train=True), noise), None
+        return eps_mse_loss(apply_fn({"params": params}, x_t, t, train=True, rngs=rngs), noise), None
     eps, mutated = apply_fn({"params": params, "batch_stats": batch_stats}, x_t, t, train=True,
-                            mutable=["batch_stats"])
+                            mutable=["batch_stats"], rngs=rngs)
     return eps_mse_loss(eps, noise), mutated["batch_stats"]
 
 
@@ -106,10 +109,12 @@ def _global_norm(tree) -> jnp.ndarray:
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree)))
 
 
-def train_step_with_noise(state: TrainState, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray):
-    """One Adam step on given timesteps and noise. Returns (state, metrics)."""
+def train_step_with_noise(state: TrainState, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
+                          dropout_key: jax.Array | None = None):
+    """One Adam step on given timesteps and noise (and dropout key). Returns (state, metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, state.schedule, x0, t, noise)
+    (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, state.schedule, x0, t, noise,
+                                         dropout_key)
     metrics = {"loss": loss, "grad_norm": _global_norm(grads)}
     return apply_gradients(state, grads, batch_stats), metrics
 
@@ -121,7 +126,20 @@ def draw_t_and_noise(key: jax.Array, step: jnp.ndarray, x0: jnp.ndarray, timeste
     return t, jax.random.normal(k_n, x0.shape, jnp.float32)
 
 
+# The dropout keys are a stream of their own: fold_in(fold_in(key, DROPOUT_STREAM), step). t and
+# the noise keep their derivation (fold_in(key, step), split), so runs written before dropout
+# existed resume to the same bits. fold_in(key, DROPOUT_STREAM) equals no fold_in(key, step)
+# for the steps a run takes (step < DROPOUT_STREAM).
+DROPOUT_STREAM = 0x64726F70  # "drop"
+
+
+def dropout_key_at(key: jax.Array, step: jnp.ndarray) -> jax.Array:
+    """The dropout key of step ``step`` (independent of :func:`draw_t_and_noise`'s keys)."""
+    return jax.random.fold_in(jax.random.fold_in(key, DROPOUT_STREAM), step)
+
+
 def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array):
-    """Pure step: draws t and noise from ``fold_in(key, state.step)``. Jit with ``donate_argnums=0``."""
+    """Pure step: draws t and noise from ``fold_in(key, state.step)`` and the dropout key from
+    :func:`dropout_key_at`. Jit with ``donate_argnums=0``."""
     t, noise = draw_t_and_noise(key, state.step, batch, state.schedule.timesteps)
-    return train_step_with_noise(state, batch, t, noise)
+    return train_step_with_noise(state, batch, t, noise, dropout_key_at(key, state.step))

@@ -465,16 +465,44 @@ def test_dropout_needs_a_key_in_training_only():
         jax.eval_shape(lambda v: model.apply(v, x, t, train=True), variables)
 
 
-@pytest.mark.xfail(strict=True, reason="training.loss_fn passes no dropout rng to apply_fn (issue 14 report)",
-                   raises=__import__("flax.errors").errors.InvalidRngError)
-def test_train_loss_with_dropout():
-    config = dataclasses.replace(TRAIN_CONFIG, dropout=0.1)
-    model = unet2d.build(config)
-    x, t = _inputs(config)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t))["params"]
-    schedule = make_schedule(1000, "linear")
-    jax.eval_shape(lambda p: training.loss_fn(p, None, model.apply, schedule, x, jnp.asarray(t), jnp.zeros_like(x)),
-                   params)  # traced only
+def test_train_step_with_dropout_draws_a_dropout_key_per_step():
+    """train_step feeds dropout its own key stream (training.dropout_key_at): the step's loss
+    equals loss_fn with that key written out, differs with another key, and the same step
+    repeated gives the same bits (exact resume)."""
+    config = dataclasses.replace(TRAIN_CONFIG, dropout=0.3)
+    model = unet2d.build(config, conv_impl="xla")
+    x, _ = _inputs(config)
+    tx = training.make_optimizer(1e-3)
+    state = training.create_train_state(model, jax.random.key(0), x.shape[1:], make_schedule(10, "linear"), tx)
+    key = jax.random.key(3)
+    step = jax.jit(training.train_step)
+    _, m1 = step(state, x, key)
+    _, m2 = step(state, x, key)
+    t, noise = training.draw_t_and_noise(key, state.step, x, 10)
+
+    def loss(dropout_key):
+        return training.loss_fn(state.params, None, model.apply, state.schedule, x, t, noise, dropout_key)[0]
+
+    loss = jax.jit(loss)
+    assert float(m1["loss"]) == float(m2["loss"])
+    np.testing.assert_allclose(float(m1["loss"]), float(loss(training.dropout_key_at(key, state.step))), rtol=1e-6)
+    assert abs(float(m1["loss"]) - float(loss(jax.random.key(99)))) > 1e-6  # the key matters
+    assert abs(float(m1["loss"]) - float(jax.jit(lambda: training.loss_fn(
+        state.params, None, lambda v, *a, train, rngs=None: model.apply(v, *a, train=False), state.schedule, x, t,
+        noise)[0])())) > 1e-6  # dropout was on
+
+
+def test_dropout_key_stream_leaves_t_and_noise_alone():
+    """Runs written before dropout existed resume to the same bits: t and the noise are drawn
+    as before, from fold_in(key, step) split in two."""
+    key, step = jax.random.key(7), jnp.asarray(5, jnp.int32)
+    x = jnp.zeros((4, 4, 4, 1))
+    t, noise = training.draw_t_and_noise(key, step, x, 10)
+    k_t, k_n = jax.random.split(jax.random.fold_in(key, step))
+    assert np.array_equal(t, jax.random.randint(k_t, (4,), 0, 10, jnp.int32))
+    assert np.array_equal(noise, jax.random.normal(k_n, x.shape, jnp.float32))
+    d = jax.random.key_data(training.dropout_key_at(key, step))
+    assert not any(np.array_equal(d, jax.random.key_data(k)) for k in (k_t, k_n, jax.random.fold_in(key, step)))
 
 
 # ----------------------------------------------------------------------------- full size (slow)
