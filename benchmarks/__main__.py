@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Sequence
 
 from jax_ddpm import xla_flags
+from jax_ddpm.models.convolutions import CONV_IMPLS
+from jax_ddpm.parallel import DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 SIZE_NAMES = ("digits", "chapter", "probe")
 TASKS = ("train", "sample")
-DTYPES = ("float32", "bfloat16")
-CONV_IMPLS = ("auto", "xla", "decomposed")
 
 
 class UsageError(Exception):

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import one_line
 
+ERROR_DETAIL_LIMIT = 160  # a library's error text inside a message that already names the file
 LAYOUTS = ("auto", "nhwc", "nchw")  # axis order of an .npz/.npy file
 CHANNELS = (1, 3)  # images are converted to grayscale or RGB
 
@@ -97,7 +98,7 @@ def folder_images(folder: str, image_size: int, channels: int) -> np.ndarray:
         except DataError:
             raise
         except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
-            raise DataError(f"--data {path}: cannot read image ({_one_line(e)})") from None
+            raise DataError(f"--data {path}: cannot read image ({one_line(e, ERROR_DETAIL_LIMIT)})") from None
         out[i] = arr.reshape(image_size, image_size, channels)
     return to_unit_range(out)
 
@@ -118,9 +119,9 @@ def _load_array(path: str) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as e:  # object arrays need pickles: refused
-        raise DataError(f"--data {path}: cannot load without pickles ({_one_line(e)})") from None
+        raise DataError(f"--data {path}: cannot load without pickles ({one_line(e, ERROR_DETAIL_LIMIT)})") from None
     except Exception as e:
-        raise DataError(f"--data {path}: not a readable .npy/.npz file ({_one_line(e)})") from None
+        raise DataError(f"--data {path}: not a readable .npy/.npz file ({one_line(e, ERROR_DETAIL_LIMIT)})") from None
     if isinstance(loaded, np.ndarray):
         return loaded
     with loaded:
@@ -135,7 +136,7 @@ def _load_array(path: str) -> np.ndarray:
         try:
             return loaded[key]
         except Exception as e:
-            raise DataError(f"--data {path}: cannot read array {key!r} ({_one_line(e)})") from None
+            raise DataError(f"--data {path}: cannot read array {key!r} ({one_line(e, ERROR_DETAIL_LIMIT)})") from None
 
 
 def array_images(path: str, image_size: int, channels: int, layout: str = "auto") -> np.ndarray:
@@ -191,10 +192,6 @@ def fingerprint(images: np.ndarray) -> str:
     h = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
     h.update(np.ascontiguousarray(images).tobytes())
     return h.hexdigest()[:16]
-
-
-def _one_line(e: BaseException) -> str:
-    return one_line(e, 160)  # inside a message that already names the file
 
 
 # ----------------------------------------------------------------------------- batching
