@@ -12,6 +12,7 @@ table's order.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from jax_ddpm import schedules
@@ -22,13 +23,13 @@ from .checks.forward import check_bn_stats, check_forward
 from .checks.sampling import check_chain, check_sampler_step
 from .checks.training import check_adam_same_grads, check_grads, check_loss, check_train_steps
 from .core import Case, Measure
-from .inputs import CHAPTER, SAMPLER_NET, Net
+from .inputs import CHAPTER, SAMPLER_NET, Net, UNet2DNet
 
 
 def _case(group: str, component: str, fn: Callable[..., Measure], metric: str, key: str | None = None,
-          ref: str = "torch", slow: bool = False, **params) -> Case:
+          ref: str = "torch", slow: bool = False, dtype: str = "float32", **params) -> Case:
     """A case; ``key`` (the tolerance table's component) defaults to ``group``."""
-    return Case(group, component, fn, tuple(params.items()), metric, key or group, ref, "float32", slow)
+    return Case(group, component, fn, tuple(params.items()), metric, key or group, ref, dtype, slow)
 
 
 def _closed_forms() -> list[Case]:
@@ -131,14 +132,101 @@ def _weights() -> list[Case]:
             for net in (Net(1, 16, 2), Net(3, 32, 2, CHAPTER))]
 
 
-CASES: list[Case] = _closed_forms() + _network() + _training() + _sampling() + _weights()
+# ----------------------------------------------------------------------------- unet2d vs diffusers
+
+D, AD, U, AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
+
+
+def _unet2d(name: str, size: int, batch: int, **settings) -> UNet2DNet:
+    return UNet2DNet(name, tuple(settings.items()), size, batch)
+
+
+# Between them: one head and several (head_dim 4 over 16/32 channels; 3 and 6 heads), padding
+# 0 and 1, flip_sin_to_cos both ways, freq_shift 0 and 1, eps 1e-6 and 1e-5, 8, 4 and 3 (odd)
+# groups, 3 and 1 channels, 32, 12 and 24 px (12 and 24: not powers of two), attention at
+# 16x16 in the second down block (ddpm-cifar10's AttnDownBlock2D), in up blocks and the mid block.
+CIFAR_LIKE = _unet2d(  # google/ddpm-cifar10-32's architecture at 1/8 width (128, 256, 256, 256 there)
+    "cifar10-arch/8", 32, 2, sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32),
+    layers_per_block=2, down_block_types=(D, AD, D, D), up_block_types=(U, U, AU, U), attention_head_dim=None,
+    norm_num_groups=8, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.0)
+HEADS = _unet2d(  # diffusers' defaults for eps, padding, flip and shift; 4 and 8 heads; 12 px
+    "heads", 12, 4, sample_size=12, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+    down_block_types=(AD, D), up_block_types=(U, AU), attention_head_dim=4, norm_num_groups=4, norm_eps=1e-5,
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0)
+ODD_GROUPS = _unet2d(  # 3 groups, 3 and 6 heads, three levels with padding 0 at 24 -> 12 -> 6 px
+    "odd-groups", 24, 2, sample_size=24, in_channels=3, out_channels=3, block_out_channels=(12, 24, 24),
+    layers_per_block=1, down_block_types=(D, AD, D), up_block_types=(U, AU, U), attention_head_dim=4,
+    norm_num_groups=3, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=True, freq_shift=1)
+UNET2D_NETS = (CIFAR_LIKE, HEADS, ODD_GROUPS)
+
+
+def _f64(net: UNet2DNet) -> UNet2DNet:
+    return dataclasses.replace(net, dtype="float64")
+
+
+def _d(group: str, component: str, fn: Callable[..., Measure], metric: str, key: str | None = None,
+       slow: bool = False, net: UNet2DNet | None = None, **params) -> Case:
+    """A case against diffusers at ``net``'s dtype."""
+    extra = {} if net is None else {"net": net}
+    return _case(group, f"{component} vs diffusers", fn, metric, key, ref="diffusers", slow=slow,
+                 dtype=net.dtype if net is not None else "float32", **extra, **params)
+
+
+def _diffusers() -> list[Case]:
+    cases: list[Case] = []
+    for kind in schedules.SCHEDULES:
+        for T in (20, 1000):
+            cases.append(_d("schedule", f"schedule {kind} T={T}", check_schedule, "rel", kind=kind, timesteps=T))
+    for kind in schedules.SCHEDULES:
+        for at in ("0", "T-1", "random"):
+            cases.append(_d("q_sample", f"q_sample {kind} T=1000 t={at}", check_q_sample, "abs", kind=kind,
+                            timesteps=1000, at=at))
+    # forward: (net, mode, slow); float32 every net in eval and train (dropout 0) mode, float64
+    # every net in eval mode and one in train mode; by default every net once, two in float64
+    forwards = [(n, m, m == "train" and n is not HEADS) for n in UNET2D_NETS for m in ("eval", "train")]
+    forwards += [(_f64(n), "eval", n is ODD_GROUPS) for n in UNET2D_NETS] + [(_f64(HEADS), "train", True)]
+    for net, mode, slow in forwards:
+        cases.append(_d("unet2d", f"unet2d forward {mode} {net.label}", check_forward, "rel", "forward", slow=slow,
+                        net=net, mode=mode))
+    for net, slow in ((HEADS, False), (_f64(HEADS), False), (ODD_GROUPS, True), (_f64(ODD_GROUPS), True),
+                      (CIFAR_LIKE, True), (_f64(CIFAR_LIKE), True)):
+        for key, fn in (("loss", check_loss), ("grads", check_grads)):
+            what = "loss" if key == "loss" else "grad every param"
+            cases.append(_d("unet2d", f"unet2d {what} linear T=1000 {net.label}", fn, "rel", key, slow=slow,
+                            net=net, kind="linear", timesteps=1000))
+    for net, slow in ((HEADS, False), (ODD_GROUPS, True)):
+        for part, metric, key in (("loss", "rel", "loss"), ("params", "frac", "adam_step_params")):
+            cases.append(_d("unet2d", f"unet2d adam 10 steps, each from diffusers' state: {part} {net.label}",
+                            check_train_steps, metric, key, slow=slow, net=net, part=part))
+        cases.append(_d("unet2d", f"unet2d adam 10 steps, diffusers' grads -> optax: params {net.label}",
+                        check_adam_same_grads, "rel", "adam_same_grads", slow=slow, net=net))
+    # chains: DDPMScheduler fixed_small (= beta_tilde), clip_sample = clip_denoised; random-init U-Net
+    for net, kind, clip, slow in ((HEADS, "cosine", True, False), (HEADS, "linear", False, True),
+                                  (HEADS, "linear", True, True), (ODD_GROUPS, "cosine", True, True)):
+        label = f"unet2d chain 20 steps ddpm beta_tilde{' clip' if clip else ''} {kind} {net.label}"
+        for part, metric in (("x0", "abs"), ("trajectory", "rel")):
+            cases.append(_d("unet2d", f"{label}: {part}", check_chain, metric, f"chain_{part}", slow=slow, net=net,
+                            part=part, sampler="ddpm", variance="beta_tilde", clip=clip, kind=kind, timesteps=20,
+                            trained=False))
+    for net, slow in ((CIFAR_LIKE, False), (ODD_GROUPS, True)):
+        cases.append(_d("unet2d", f"unet2d weights diffusers->flax->diffusers {net.label}", check_round_trip, "abs",
+                        "round_trip", slow=slow, net=net))
+    return cases
+
+
+CASES: list[Case] = _closed_forms() + _network() + _training() + _sampling() + _weights() + _diffusers()
 GROUPS = tuple(dict.fromkeys(c.group for c in CASES))
 
 
-def cases(group: str | None = None, full: bool = True, only: str | None = None) -> list[Case]:
-    """The supported cases of ``group`` (all when None); without ``full`` the slow ones are left out."""
+def cases(group: str | None = None, full: bool = True, only: str | None = None,
+          unavailable: bool = False) -> list[Case]:
+    """The supported cases of ``group`` (all when None); without ``full`` the slow ones are left out.
+
+    ``unavailable``: also the cases whose reference cannot run here (``run_case`` gives them
+    a skipped row naming why), in their place in the list.
+    """
     return [c for c in CASES if (group is None or c.group == group) and (full or not c.slow)
-            and (only is None or only in c.component) and c.supported()]
+            and (only is None or only in c.component) and (c.supported() or (unavailable and c.unavailable()))]
 
 
 def find_case(component: str) -> Case:
@@ -157,10 +245,12 @@ def pytest_params(*groups: str) -> list:
     params = []
     for c in (c for g in groups for c in CASES if c.group == g):
         marks = [pytest.mark.slow] if c.slow else []
-        if not c.supported():
+        if c.unavailable():
+            marks.append(pytest.mark.skip(reason=f"reference {c.reference!r} unavailable: {c.unavailable()}"))
+        elif not c.supported():
             marks.append(pytest.mark.skip(reason=f"reference {c.reference!r} does not support {c.key!r}"))
         params.append(pytest.param(c, id=c.id, marks=marks))
     return params
 
 
-__all__ = ["CASES", "GROUPS", "cases", "find_case", "pytest_params"]
+__all__ = ["CASES", "CIFAR_LIKE", "GROUPS", "HEADS", "ODD_GROUPS", "UNET2D_NETS", "cases", "find_case", "pytest_params"]

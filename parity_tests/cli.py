@@ -1,7 +1,9 @@
 """``jax-ddpm parity`` (also ``python -m parity_tests``): run the cases on one device, print the table.
 
 Exit status: 0 every row passed, 1 a row failed, 2 bad options or an unavailable device.
-Progress goes to stderr; stdout is exactly the Markdown table.
+Rows whose reference is not installed here (diffusers is optional) are listed as skipped,
+naming why; they neither pass nor fail. Progress goes to stderr; stdout is exactly the
+Markdown table.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Run every parity check (torch_ref vs jax_ddpm vs float64 "
+    p = _Parser(prog=PROG, description="Run every parity check (jax_ddpm vs torch_ref, diffusers and a float64 "
                                        "oracle) on one device and print the table. Exit 1 if any fails.")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
                    help="where both frameworks run (default auto: cuda when torch and JAX both see a GPU)")
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _UsageError(f"--device must be one of {', '.join(DEVICES)}, got {args.device!r}")
         if args.json:
             _check_json_path(args.json)
-        selected = cases(full=args.full, only=args.only)
+        selected = cases(full=args.full, only=args.only, unavailable=True)
         if not selected:
             raise _UsageError(f"--only {args.only!r} matches no check")
         ctx = make_context(args.device)
@@ -83,15 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, case in enumerate(selected, 1):
         row = run_case(ctx, case)
         rows.append(row)
-        print(f"[{i}/{len(selected)}] {'ok  ' if row.passed else 'FAIL'} {row.component} ({row.seconds:.1f} s)",
-              file=sys.stderr, flush=True)
+        verdict = "skip" if row.skipped else "ok  " if row.passed else "FAIL"
+        print(f"[{i}/{len(selected)}] {verdict} {row.component} ({row.seconds:.1f} s)", file=sys.stderr, flush=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": ctx.device, "devices": device_names(ctx), "versions": versions(), "full": bool(args.full),
             "only": args.only, "wall_s": time.perf_counter() - t0}
     print(render_markdown(meta, rows), end="")
+    passed = all(r.passed or r.skipped for r in rows)
     if args.json:
-        _write_json(args.json, dict(meta, passed=all(r.passed for r in rows), rows=[r.as_dict() for r in rows]))
-    return 0 if all(r.passed for r in rows) else 1
+        _write_json(args.json, dict(meta, passed=passed, skipped=sum(r.skipped for r in rows),
+                                    rows=[r.as_dict() for r in rows]))
+    return 0 if passed else 1
 
 
 __all__ = ["PROG", "main"]

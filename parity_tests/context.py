@@ -95,17 +95,19 @@ class Context:
     cache: dict = dataclasses.field(default_factory=dict)
 
     @contextlib.contextmanager
-    def scope(self):
+    def scope(self, dtype: str = "float32"):
         """JAX on ``jax_device`` with full-precision matmuls/convolutions; torch on one CPU thread.
 
         One torch thread: these are tiny ops, and OpenMP threads spinning on a shared CPU
-        made the torch side 10x slower (a 100-step chain: 6 s -> 0.5 s).
+        made the torch side 10x slower (a 100-step chain: 6 s -> 0.5 s). ``dtype`` 'float64'
+        (a case's compute dtype) also enables JAX's x64 mode, so float64 arrays stay float64.
         """
         threads = torch.get_num_threads()
         if self.device == "cpu":
             torch.set_num_threads(1)
+        x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
         try:
-            with jax.default_device(self.jax_device), _highest_matmul_precision():
+            with jax.default_device(self.jax_device), _highest_matmul_precision(), x64:
                 yield
         finally:
             torch.set_num_threads(threads)

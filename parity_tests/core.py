@@ -57,9 +57,10 @@ class Row:
     note: str = ""
     seconds: float = 0.0
     measured: float = math.nan  # the value compared with tol
+    skipped: bool = False  # the reference cannot run here (not installed): neither passed nor failed
 
     def message(self) -> str:
-        verdict = "ok" if self.passed else "FAILED"
+        verdict = "skipped" if self.skipped else "ok" if self.passed else "FAILED"
         return (f"{self.component}: {verdict}: max abs {fmt(self.abs_err)}, max rel {fmt(self.rel_err)}; "
                 f"{self.metric} {fmt(self.measured)} vs tol {fmt(self.tol)}" + (f" ({self.note})" if self.note else ""))
 
@@ -108,8 +109,12 @@ class Case:
         return {d: self.tolerance(d) for d in TOL_DEVICES}
 
     def supported(self) -> bool:
-        """Whether the case's reference can compute its component."""
+        """Whether the case's reference can compute its component (False too when it is unavailable)."""
         return get_reference(self.reference).supports(self.key)
+
+    def unavailable(self) -> str | None:
+        """Why the case's reference cannot run here (one line), or None."""
+        return get_reference(self.reference).unavailable()
 
 
 def fmt(x: float) -> str:
@@ -123,16 +128,21 @@ def run_case(ctx: "Context", case: Case) -> Row:
     """Runs one case on ``ctx``'s device. A check that raises gives a failed row naming the error.
 
     A case whose reference does not support its component is a failed row too (``cases()``
-    and ``pytest_params()`` leave such cases out or skip them; running one is a mistake).
+    and ``pytest_params()`` leave such cases out or skip them; running one is a mistake). A
+    case whose reference is unavailable here (diffusers not installed) is a skipped row,
+    naming why. The case's dtype is the JAX side's (float64: x64 enabled, ``Context.scope``).
     """
     t0 = time.perf_counter()
     tol = case.tolerance(ctx.device)
     ref = get_reference(case.reference)
+    why = ref.unavailable()
+    if why:
+        return Row(case.component, float("nan"), float("nan"), tol, case.metric, False, why, skipped=True)
     if not ref.supports(case.key):
         return Row(case.component, float("nan"), float("nan"), tol, case.metric, False,
                    f"reference {ref.name!r} does not support {case.key!r}")
     try:
-        with ctx.scope():
+        with ctx.scope(case.dtype):
             m = case.fn(ctx, ref, **dict(case.params))
     except Exception as e:  # noqa: BLE001 - a crash is a failed row, reported, not a traceback
         return Row(case.component, float("nan"), float("nan"), tol, case.metric, False,

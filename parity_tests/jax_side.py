@@ -1,10 +1,14 @@
 """The side under test: jax_ddpm's model, schedule, weights and train state as the checks use them.
 
-The U-Net comes from the architecture registry (``get_arch('chapter')``), weights cross
-over through ``jax_ddpm.convert`` with the architecture's weight table, and train states
-are assembled by ``training.train_state_from_variables``. Compiled functions are built once
-per context and configuration (``Context.memo``). Every jax_ddpm function is looked up on
-its module when called, so a test can monkeypatch it (``test_can_fail.py``).
+The U-Net comes from the architecture registry (``get_arch('chapter')`` for a ``Net``,
+``get_arch('unet2d')`` for a ``UNet2DNet``), weights cross over through ``jax_ddpm.convert``
+with the architecture's weight table, and train states are assembled by
+``training.train_state_from_variables``. Compiled functions are built once per context,
+configuration and dtype (``Context.memo``). Every jax_ddpm function is looked up on its
+module when called, so a test can monkeypatch it (``test_can_fail.py``).
+
+A float64 ``UNet2DNet`` builds the model with ``dtype=float64``; its case runs with JAX's x64
+enabled (``core.run_case``), so the converted weights and inputs stay float64.
 """
 from __future__ import annotations
 
@@ -24,18 +28,30 @@ from .inputs import Net
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Context
 
-ARCH = "chapter"  # the architecture every U-Net case builds (torch_ref.model.UNet's twin)
+ARCH = "chapter"  # the architecture a ``Net`` builds (torch_ref.model.UNet's twin)
 
 
-def config(net: Net):
+def arch_name(net) -> str:
+    """The registry name of ``net``'s architecture: ``net.arch`` ('unet2d'), else the chapter's."""
+    return getattr(net, "arch", ARCH)
+
+
+def config(net):
     """The registry config for ``net``."""
-    return get_arch(ARCH).config_cls(img_channels=net.img_channels, time_emb_dim=net.time_emb_dim,
-                                      features=tuple(net.features))
+    if arch_name(net) == ARCH:
+        return get_arch(ARCH).config_cls(img_channels=net.img_channels, time_emb_dim=net.time_emb_dim,
+                                          features=tuple(net.features))
+    return get_arch(arch_name(net)).config_cls(**dict(net.settings))
 
 
-def weight_table(net: Net) -> list:
+def dtype(net):
+    """The compute dtype of ``net``'s model: float64 for a float64 ``UNet2DNet``, else float32."""
+    return jnp.float64 if getattr(net, "dtype", "float32") == "float64" else jnp.float32
+
+
+def weight_table(net) -> list:
     """The architecture's rows (torch_name, flax_path, layout) for ``net``."""
-    return get_arch(ARCH).weight_table(config(net))
+    return get_arch(arch_name(net)).weight_table(config(net))
 
 
 def variables(state_dict: Mapping[str, np.ndarray], net: Net) -> dict:
@@ -53,6 +69,31 @@ def embedding_module(dim: int):
     return JaxEmbedding(dim)
 
 
+def zero_gradient_params(net) -> frozenset[str]:
+    """The parameters whose exact gradient is 0, in the weight table's names.
+
+    The attention's key bias (unet2d's ``...to_k.bias``): softmax over the keys is unchanged
+    when one vector is added to every key (``q . (k_j + b) = q . k_j + q . b``, the same for
+    every j), so d loss / d b = 0 and both frameworks return rounding noise (measured 1e-9 of
+    the largest gradient in float32, 1e-16 in float64). A per-tensor relative error of noise
+    is meaningless; the checks compare these against the largest gradient instead.
+    """
+    if arch_name(net) != "unet2d":
+        return frozenset()
+    return frozenset(name for name, _, _ in weight_table(net) if name.endswith(".to_k.bias"))
+
+
+def init_shapes(ctx: "Context", net) -> dict:
+    """The Flax variables' shapes and dtypes (``jax.eval_shape`` of ``init``: nothing compiled), once per config."""
+
+    def build():
+        f = fns(ctx, net)
+        x = jnp.zeros((1, net.size, net.size, net.img_channels), dtype(net))
+        return jax.eval_shape(lambda: f.model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32), train=True))
+
+    return ctx.memo(("jax_init_shapes", arch_name(net), config(net), str(dtype(net))), build)
+
+
 def fns(ctx: "Context", net: Net) -> SimpleNamespace:
     """The Flax U-Net and its compiled functions, built once per context and configuration.
 
@@ -62,7 +103,7 @@ def fns(ctx: "Context", net: Net) -> SimpleNamespace:
     """
 
     def build():
-        model = get_arch(ARCH).build(config(net), dtype=jnp.float32, conv_impl="auto")
+        model = get_arch(arch_name(net)).build(config(net), dtype=dtype(net), conv_impl="auto")
 
         def loss(params, batch_stats, schedule, x0, t, noise):
             return training.loss_fn(params, batch_stats, model.apply, schedule, x0, t, noise)
@@ -75,7 +116,7 @@ def fns(ctx: "Context", net: Net) -> SimpleNamespace:
             train_step=jax.jit(training.train_step_with_noise),
         )
 
-    return ctx.memo(("jax_fns", ARCH, config(net)), build)
+    return ctx.memo(("jax_fns", arch_name(net), config(net), str(dtype(net))), build)
 
 
 def schedule(ctx: "Context", timesteps: int, kind: str) -> schedules.DiffusionSchedule:
@@ -88,5 +129,5 @@ def train_state(f: SimpleNamespace, variables: Mapping[str, Any], tx, sched) -> 
     return training.train_state_from_variables(variables, f.model.apply, tx, sched, ema_decay=0.0, step=0)
 
 
-__all__ = ["ARCH", "JaxEmbedding", "config", "embedding_module", "fns", "schedule", "state_dict", "train_state",
-           "variables", "weight_table"]
+__all__ = ["ARCH", "JaxEmbedding", "arch_name", "config", "dtype", "embedding_module", "fns", "init_shapes", "schedule",
+           "state_dict", "train_state", "variables", "weight_table", "zero_gradient_params"]

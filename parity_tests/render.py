@@ -48,23 +48,26 @@ def device_names(ctx: "Context") -> dict[str, str]:
 def render_markdown(meta: Mapping[str, Any], rows: Sequence[Row]) -> str:
     """The printed table: a header with date, device and versions, then one row per check."""
     v = meta["versions"]
-    failed = [r for r in rows if not r.passed]
-    lines = [f"# Parity: jax_ddpm vs torch_ref (and float64 oracle) on {meta['device']}", "",
+    failed = [r for r in rows if not r.passed and not r.skipped]
+    skipped = [r for r in rows if r.skipped]
+    lines = [f"# Parity: jax_ddpm vs torch_ref, diffusers (and float64 oracle) on {meta['device']}", "",
              f"- date: {meta['date']}",
              f"- devices: torch {meta['devices']['torch']}, jax {meta['devices']['jax']}",
              "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "jax", "jaxlib", "flax", "optax", "torch",
                                                                 "numpy")),
              f"- platform: {v['platform']}; git {v.get('git_commit', 'unknown')}",
-             f"- precision: fp32; torch TF32 off; jax default_matmul_precision=highest; "
+             f"- precision: fp32 (float64 where a row says so); torch TF32 off; jax default_matmul_precision=highest; "
              f"{'full' if meta['full'] else 'default'} set, {len(rows)} checks in {meta['wall_s']:.0f} s",
-             f"- result: {len(rows) - len(failed)}/{len(rows)} passed", "",
+             f"- result: {len(rows) - len(failed) - len(skipped)}/{len(rows)} passed"
+             + (f", {len(skipped)} skipped (reference not installed)" if skipped else ""), "",
              "rel = max|a-b| / max|b| (per tensor, worst tensor, for grads/params/BN stats); schedules: "
              "max elementwise |a-b|/|b|. tol applies to the column named after it.", "",
              "| component | max abs err | max rel err | tol | pass | note |",
              "|---|---|---|---|---|---|"]
     for r in rows:
+        verdict = "skipped" if r.skipped else "yes" if r.passed else "**NO**"
         lines.append(f"| {r.component} | {fmt(r.abs_err)} | {fmt(r.rel_err)} | {fmt(r.tol)} ({r.metric}) | "
-                     f"{'yes' if r.passed else '**NO**'} | {r.note} |")
+                     f"{verdict} | {r.note} |")
     return "\n".join(lines) + "\n"
 
 

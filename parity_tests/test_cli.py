@@ -11,8 +11,9 @@ import pytest
 
 from jax_ddpm import cli, schedules
 from parity_tests import cli as parity_cli
-from parity_tests.cases import CASES
+from parity_tests.cases import CASES, GROUPS, cases, pytest_params
 from parity_tests.context import cuda_unavailable_reason
+from parity_tests.references import diffusers as diffusers_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,3 +94,24 @@ def test_python_m_parity_tests_runs_the_cli():
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1] == "jax-ddpm parity: error: --device must be one of auto, cpu, cuda, got 'tpu'"
+
+
+def test_without_diffusers_its_rows_are_skipped_not_failed(monkeypatch, capsys):
+    """diffusers not installed: the adapter supports nothing and says why; pytest skips its
+    cases with that reason; ``jax-ddpm parity`` lists them as skipped rows and exits 0."""
+    real = diffusers_ref._find_spec
+    monkeypatch.setattr(diffusers_ref, "_find_spec", lambda name: None if name == "diffusers" else real(name))
+    ours = [c for c in CASES if c.reference == "diffusers"]
+    assert ours and not any(c.supported() for c in ours)
+    assert all(c.unavailable() == "diffusers not installed (pip install 'jax-ddpm[diffusers]')" for c in ours)
+    assert not [c for c in cases() if c.reference == "diffusers"]
+    assert not [c for c in CASES if not c.supported() and not c.unavailable()]  # none silently dropped
+    marks = [p.marks for p in pytest_params(*GROUPS) if p.values[0].reference == "diffusers"]
+    assert len(marks) == len(ours) and all(
+        any(m.name == "skip" and "unavailable: diffusers not installed" in m.kwargs["reason"] for m in ms)
+        for ms in marks)
+    assert parity_cli.main(["--device", "cpu", "--only", "vs diffusers"]) == 0
+    out = capsys.readouterr().out
+    n = len([c for c in ours if not c.slow])
+    assert out.count("| skipped | diffusers not installed") == n and "**NO**" not in out
+    assert f"0/{n} passed, {n} skipped (reference not installed)" in out

@@ -11,8 +11,9 @@ forms (schedules computed on the host, q_sample, the embedding) keep the CPU tol
 IEEE fp32 on both devices (an FMA contraction changes at most one rounding; CUDA's
 sinf/cosf are within 2 ulp).
 
-Every row today is float32 (jax_ddpm's compute dtype). A new reference, dtype or device
-adds its own entries here, with their derivation: ``tolerance()`` never falls back.
+The oracle and torch_ref rows are float32 (jax_ddpm's compute dtype); the diffusers rows
+(the unet2d architecture) are float32 and float64. A new reference, dtype or device adds its
+own entries here, with their derivation: ``tolerance()`` never falls back.
 """
 from __future__ import annotations
 
@@ -118,5 +119,69 @@ _entry("chain_trajectory", ("torch",), cpu=1e-5, cuda=1e-4)
 # ----------------------------------------------------------------------------- weights
 
 _entry("round_trip", ("torch",), cpu=0.0, cuda=0.0)  # exact
+
+# ----------------------------------------------------------------------------- diffusers (unet2d)
+#
+# Measured on the 2-core CPU (diffusers 0.42.1, torch 2.13.0, jax 0.10.2), full set; the
+# rows and configs are cases._diffusers(). diffusers computes its schedule in float32
+# (torch.linspace / betas_for_alpha_bar rounded to float32, then a float32 cumprod) where
+# jax_ddpm computes in float64 and rounds once; that, not the network, bounds the closed
+# forms, the loss and the gradients below.
+
+# schedule (betas, alphas, alphas_cumprod; elementwise rel): linear: float32 linspace is 1 ulp
+# off in a third of the betas, the float32 cumprod adds ~T ulps: measured 1.4e-7 (T=20),
+# 3.8e-7 (T=1000). cosine: alphas = 1 - fl32(beta) is exact (Sterbenz) but beta near the 0.999
+# cap is rounded first: <= ulp(0.999)/2 / (1 - 0.999) = 3e-5 rel; measured 1.3e-5 (T=20 and
+# 1000; diffusers.md: 1.3e-5 at t = 999). The same on CUDA (computed on the host).
+_entry("schedule", ("diffusers",), cpu=5e-5, cuda=5e-5)
+# q_sample = DDPMScheduler.add_noise (abs): diffusers forms 1 - abar in float64 from the
+# float32 abar: at t = 0 that cancels, 1 - abar_0 = beta_0 (1e-4 linear, ~4e-5 cosine) carries
+# ulp(1)/2 = 3e-8, i.e. <= 7.5e-4 rel, half of it in the sqrt, on a coefficient ~0.01 times
+# |noise| <= 4: <= 1.2e-5 abs. Measured 3.3e-6 (linear t=0), 6.2e-6 (cosine t=0), <= 1.3e-6 elsewhere.
+_entry("q_sample", ("diffusers",), cpu=3e-5, cuda=3e-5)
+# forward, rel to output scale. float32: summation order (convolutions, GroupNorm, attention);
+# measured <= 1.2e-6 (eval and train with dropout 0, the three nets); the 1e-5 goal. float64:
+# the time embedding's sinusoids are float32 in both (diffusers computes them so for a float64
+# model) and XLA's float32 sin/cos differ from torch's by 1 ulp (6e-8) in ~10% of the entries
+# (tests/test_unet2d.py: fed the same sinusoids the two float64 networks agree to 1e-15);
+# measured 1.4e-9 (cifar10-arch/8), 2.7e-9 (heads), 4.3e-9 (odd-groups), 6.9e-9 (heads, train).
+# 2e-8: 3x the worst, as torch's vectorised float32 sin/cos are platform-dependent. A GroupNorm
+# eps of 1e-5 for 1e-6 moves the output by ~1e-5 rel: red in float64 by ~1000x, in float32 only
+# ~1x (test_can_fail). CUDA: cuDNN/XLA:GPU reduction orders (float32, as for torch_ref); float64:
+# the sinusoid floor again (CUDA sinf/cosf within 2 ulp).
+_entry("forward", ("diffusers",), cpu=1e-5, cuda=1e-4)
+_entry("forward", ("diffusers",), cpu=2e-8, cuda=1e-7, dtype="float64")
+# loss (|a-b|/|b|, one batch, and each Adam step's): x_t differs as in the q_sample rows (the
+# float32 coefficients, 3.3e-6 abs at t = 0) and jax_ddpm's eps_mse_loss is float32 even for a
+# float64 model. Measured float32 <= 4.4e-7 (one batch), 9.8e-7 (Adam steps); float64 <= 2.1e-7.
+_entry("loss", ("diffusers",), cpu=5e-6, cuda=2e-5)
+_entry("loss", ("diffusers",), cpu=1e-6, cuda=1e-5, dtype="float64")
+# gradients of every parameter, per tensor rel (the key biases, whose exact gradient is 0,
+# against the largest gradient: measured <= 1.7e-9 float32, 5e-18 float64). The x_t difference
+# of the q_sample rows dominates in BOTH dtypes: float32 measured 3.7e-6 (heads), 9.2e-6
+# (odd-groups), 1.3e-5 (cifar10-arch/8; worst: GroupNorm affines at 4x4); float64 3.4e-6,
+# 1.1e-5, 1.1e-5. Diagnosed on cifar10-arch/8 float64: the same (diffusers') x_t on both sides
+# gives 8.8e-8 with jax_ddpm's float32 loss and 4.1e-8 with a float64 one (the float32
+# sinusoids, in the time-embedding weights' gradients). So float64 gradient parity is bounded
+# by the two libraries' float32 forward-process coefficients, not by the network.
+_entry("grads", ("diffusers",), cpu=5e-5, cuda=5e-4)
+_entry("grads", ("diffusers",), cpu=5e-5, cuda=5e-4, dtype="float64")
+# Adam(1e-3), 10 steps, as for torch_ref. The optimiser alone on diffusers' gradients: measured
+# <= 1.5e-6 (optax's float32 bias correction, see adam_same_grads above). Each step from
+# diffusers' state: the 'frac' of elements beyond 1e-5 rel, each explained by 1e-4-rel gradient
+# noise through Adam's sensitivity; it includes every element of the attention key biases
+# (exact gradient 0: Adam turns their rounding noise into updates of up to lr, so their noise
+# scale is the largest gradient). Measured 5.2e-4 (87 of 167345, heads; 96 key-bias elements
+# in all), 4.3e-4 (odd-groups).
+_entry("adam_same_grads", ("diffusers",), cpu=2e-5, cuda=2e-5)
+_entry("adam_step_params", ("diffusers",), cpu=2e-3, cuda=1e-2)
+# 20-step DDPM chains (DDPMScheduler.step, fixed_small, random-init U-Net, same noise): step()
+# recomputes beta_t = 1 - abar_t / abar_{t-1} and 1 - abar_{t-1} in float32 (rel error up to
+# ~1e-4 at small t, diffusers.md), which jax_ddpm takes from float64. Clamped x_0 (abs): measured
+# 1.1e-6 (cosine clip), 5.8e-6 (linear), 6.5e-6 (linear clip), 3.3e-6 (odd-groups); every
+# step's state rel to its scale: <= 6.0e-6.
+_entry("chain_x0", ("diffusers",), cpu=1e-4, cuda=1e-3)
+_entry("chain_trajectory", ("diffusers",), cpu=5e-5, cuda=5e-4)
+_entry("round_trip", ("diffusers",), cpu=0.0, cuda=0.0)  # exact
 
 __all__ = ["ADAM_GOAL", "ADAM_GRAD_REL", "TOLERANCES", "TOL_DEVICES", "tolerance"]

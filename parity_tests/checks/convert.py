@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
 from jax_ddpm import convert
@@ -15,14 +16,19 @@ from ..references import Reference
 
 
 def check_round_trip(ctx: Context, ref: Reference, net: Net) -> Measure:
-    """state dict -> Flax variables -> state dict: bit-exact, same dtypes, loads strictly into a fresh model."""
+    """state dict -> Flax variables -> state dict: bit-exact, same dtypes, loads strictly into a fresh model.
+
+    The Flax side is checked against the model's own variables (``like``: every converted
+    tensor has the shape the Flax module initialises).
+    """
     gen = rng("round_trip", net)
     model = ref.unet(ctx, net, seed=6)
     # non-trivial BN buffers and counts
     ref.forward(ctx, model, normal(gen, (2, net.size, net.size, net.img_channels)), np.array([3, 7]), train=True)
     sd = ref.state_dict(model)
     table = jax_side.weight_table(net)
-    back = convert.to_torch_state_dict(convert.from_torch_state_dict(sd, table=table), table=table)
+    like = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), jax_side.init_shapes(ctx, net))
+    back = convert.to_torch_state_dict(convert.from_torch_state_dict(sd, like=like, table=table), table=table)
     problems = sorted(set(sd) ^ set(back))
     problems += [k for k in sd if k in back and (sd[k].dtype != back[k].dtype or not np.array_equal(sd[k], back[k]))]
     ref.load_state_dict(ref.unet(ctx, net, seed=7), back)  # raises on a missing, unexpected or misshaped tensor

@@ -10,7 +10,7 @@ import numpy as np
 from .. import jax_side
 from ..context import Context
 from ..core import Measure, abs_rel, per_tensor
-from ..inputs import Net, normal, rng, timesteps
+from ..inputs import Net, cast, normal, rng, timesteps
 from ..references import Reference
 
 
@@ -42,7 +42,7 @@ def counts_equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bo
 def check_forward(ctx: Context, ref: Reference, net: Net, mode: str) -> Measure:
     """U-Net output [B, H, W, C], train or eval mode, same converted weights and inputs; rel to output scale."""
     gen = rng("forward", net, mode)
-    x = normal(gen, (net.batch, net.size, net.size, net.img_channels))
+    x = cast(normal(gen, (net.batch, net.size, net.size, net.img_channels)), net)
     t = timesteps(gen, net.batch, 1000)
     model = ref.unet(ctx, net, seed=1)
     if mode == "eval":

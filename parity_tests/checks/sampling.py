@@ -12,7 +12,7 @@ from jax_ddpm import diffusion, sampling
 from .. import jax_side, oracle
 from ..context import Context
 from ..core import Measure, abs_rel
-from ..inputs import SAMPLER_NET, SAMPLER_TRAIN_STEPS, Net, digits, normal, rng
+from ..inputs import SAMPLER_NET, SAMPLER_TRAIN_STEPS, Net, cast, digits, normal, rng
 from ..references import Reference
 
 
@@ -73,8 +73,8 @@ def _chain_run(ctx: Context, ref: Reference, sampler: str, variance: str, clip: 
         model, fns, variables = _sampler_model(ctx, ref, net, trained)
         gen = rng("chain", sampler, variance, clip, kind, timesteps, trained, net)
         shape = (net.batch, net.size, net.size, net.img_channels)
-        x_T = normal(gen, shape)
-        noise = normal(gen, (timesteps,) + shape)  # row i is added at step i
+        x_T = cast(normal(gen, shape), net)
+        noise = cast(normal(gen, (timesteps,) + shape), net)  # row i is added at step i
         theirs, ref_traj = ref.sample(ctx, model, sampler, kind, timesteps, x_T, noise, variance, clip)
         jax_traj: dict[int, np.ndarray] = {}
 

@@ -8,9 +8,11 @@ a framework or a reference's own API, so each check is written once and runs aga
 reference that ``supports`` its component.
 
 A reference that cannot compute a component leaves it out of ``components``: the
-oracle has no U-Net, a scheduler library has no chapter U-Net. ``cases.cases()`` then
-leaves such cases out and ``cases.pytest_params()`` marks them skipped; the methods it does
-not implement raise ``Unsupported``.
+oracle has no U-Net, diffusers has no chapter U-Net. ``cases.cases()`` then leaves such
+cases out and ``cases.pytest_params()`` marks them skipped; the methods it does not
+implement raise ``Unsupported``. A reference whose package is missing (diffusers is an
+optional extra) says why in ``unavailable()`` and then supports nothing: its cases are
+skipped with that reason in pytest and listed as skipped rows by ``jax-ddpm parity``.
 
 Adding a reference: a module here with a ``Reference`` subclass and an entry in
 ``REFERENCES``; its name in the case list (``cases.py``) for each component it supports;
@@ -68,7 +70,7 @@ class AdamMoments:
 class Reference:
     """The interface every adapter implements (what it can: see ``components``).
 
-    ``name`` is the key in ``REFERENCES`` and the tolerance table ('oracle', 'torch').
+    ``name`` is the key in ``REFERENCES`` and the tolerance table ('oracle', 'torch', 'diffusers').
     Every method takes the run's ``Context`` where it needs a device or a cache. Models are
     opaque handles: the checks only pass them back to the same adapter.
     """
@@ -78,8 +80,14 @@ class Reference:
     components: frozenset[str] = frozenset()
 
     def supports(self, component: str) -> bool:
-        """Whether this reference can compute ``component`` (a key of ``COMPONENTS``)."""
-        return component in self.components
+        """Whether this reference can compute ``component`` (a key of ``COMPONENTS``) here:
+        nothing while it is ``unavailable``."""
+        return component in self.components and not self.unavailable()
+
+    def unavailable(self) -> str | None:
+        """None when the reference can run here; else why not, one line (its package is not
+        installed). Its cases are then skipped, naming the reason, not failed."""
+        return None
 
     def _unsupported(self, what: str):
         raise Unsupported(f"reference {self.name!r} cannot compute {what}")
@@ -107,7 +115,8 @@ class Reference:
     # ------------------------------------------------------------------ the U-Net
 
     def unet(self, ctx: "Context", net: "Net", seed: int) -> Any:
-        """The chapter's U-Net for ``net`` with the reference's default init from ``seed``, train mode."""
+        """The U-Net for ``net`` (the chapter's for a ``Net``, UNet2DModel for a ``UNet2DNet``) with the
+        reference's default init from ``seed``, train mode."""
         self._unsupported("the U-Net")
 
     def state_dict(self, model: Any) -> dict[str, np.ndarray]:
@@ -163,10 +172,12 @@ class Reference:
         self._unsupported("chain")
 
 
-from .oracle import OracleReference  # noqa: E402  (the adapters subclass Reference)
+from .diffusers import DiffusersReference  # noqa: E402  (the adapters subclass Reference)
+from .oracle import OracleReference  # noqa: E402
 from .torch_ref import TorchRefReference  # noqa: E402
 
-REFERENCES: dict[str, Reference] = {r.name: r for r in (OracleReference(), TorchRefReference())}
+REFERENCES: dict[str, Reference] = {r.name: r for r in (OracleReference(), TorchRefReference(),
+                                                         DiffusersReference())}
 
 
 def get_reference(name: str) -> Reference:

@@ -41,6 +41,18 @@ def to_np(x, nhwc: bool = False) -> np.ndarray:
     return a.transpose(0, 2, 3, 1) if nhwc else a  # [B, C, H, W] -> [B, H, W, C]
 
 
+def torch_adam_moments(model, opt) -> AdamMoments:
+    """A ``torch.optim.Adam``'s state on ``model`` in the model's parameter names."""
+    names = {id(p): k for k, p in model.named_parameters()}
+    mu, nu, count = {}, {}, 0
+    for p, st in opt.state.items():
+        if "exp_avg" in st:
+            mu[names[id(p)]] = to_np(st["exp_avg"])
+            nu[names[id(p)]] = to_np(st["exp_avg_sq"])
+            count = int(st["step"])
+    return AdamMoments(count, mu, nu, opt.param_groups[0]["betas"][1])
+
+
 class TorchRefReference(Reference):
     """torch_ref as a reference: every component but the float64-only ones."""
 
@@ -136,14 +148,7 @@ class TorchRefReference(Reference):
         return float(loss.item()), self._grads(model)  # this step's gradients
 
     def adam_moments(self, model, opt) -> AdamMoments:
-        names = {id(p): k for k, p in model.named_parameters()}
-        mu, nu, count = {}, {}, 0
-        for p, st in opt.state.items():
-            if "exp_avg" in st:
-                mu[names[id(p)]] = to_np(st["exp_avg"])
-                nu[names[id(p)]] = to_np(st["exp_avg_sq"])
-                count = int(st["step"])
-        return AdamMoments(count, mu, nu, opt.param_groups[0]["betas"][1])
+        return torch_adam_moments(model, opt)
 
     # ------------------------------------------------------------------ sampling
 
@@ -175,4 +180,4 @@ class TorchRefReference(Reference):
         return to_np(x0, nhwc=True), traj
 
 
-__all__ = ["TorchRefReference", "to_np", "to_torch"]
+__all__ = ["TorchRefReference", "to_np", "to_torch", "torch_adam_moments"]
