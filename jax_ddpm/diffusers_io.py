@@ -79,11 +79,12 @@ class DiffusersFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------- configs
-def config_from_diffusers(d: Mapping[str, Any]) -> UNet2DConfig:
-    """A UNet ``config.json`` dict -> :class:`UNet2DConfig` (see the module docstring for the keys).
+def init_kwargs_from_diffusers(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A UNet ``config.json`` dict -> the ``UNet2DModel.__init__`` arguments it sets (bookkeeping
+    keys dropped, ``_use_default_values`` applied; values not yet checked).
 
     Raises:
-      ArchConfigError: naming the key or field that is refused.
+      ArchConfigError: not a JSON object, or ``_class_name`` is not UNet2DModel.
     """
     if not isinstance(d, Mapping):
         raise ArchConfigError("config", f"must be a JSON object, got {type(d).__name__}")
@@ -91,8 +92,16 @@ def config_from_diffusers(d: Mapping[str, Any]) -> UNet2DConfig:
     if cls != UNET_CLASS:
         raise ArchConfigError("_class_name", f"only {UNET_CLASS} is implemented, got {cls!r}")
     used_defaults = d.get("_use_default_values") or []
-    kept = {k: v for k, v in d.items() if not str(k).startswith("_") and k not in used_defaults}
-    return config_from_dict(kept)
+    return {k: v for k, v in d.items() if not str(k).startswith("_") and k not in used_defaults}
+
+
+def config_from_diffusers(d: Mapping[str, Any]) -> UNet2DConfig:
+    """A UNet ``config.json`` dict -> :class:`UNet2DConfig` (see the module docstring for the keys).
+
+    Raises:
+      ArchConfigError: naming the key or field that is refused.
+    """
+    return config_from_dict(init_kwargs_from_diffusers(d))
 
 
 def config_to_diffusers(config: UNet2DConfig) -> dict[str, Any]:
@@ -416,5 +425,5 @@ def save_diffusers(path: str | os.PathLike, model_config: UNet2DConfig, variable
 
 
 __all__ = ["BOOKKEEPING_KEYS", "DIFFUSERS_VERSION", "DiffusersFormatError", "SCHEDULE_DEFAULTS",
-           "config_from_diffusers", "config_to_diffusers", "expected_torch_shapes", "load_diffusers",
+           "config_from_diffusers", "config_to_diffusers", "expected_torch_shapes", "init_kwargs_from_diffusers", "load_diffusers",
            "save_diffusers", "scheduler_config"]

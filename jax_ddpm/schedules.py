@@ -11,6 +11,7 @@ import numpy as np
 
 SCHEDULES = ("linear", "cosine")
 MIN_TIMESTEPS = 2  # one step has no posterior: the clipped log variance repeats entry 1
+BETA_START, BETA_END = 1e-4, 0.02  # the linear schedule's defaults (Ho et al. 2020)
 
 
 def check_timesteps(timesteps) -> int:
@@ -20,8 +21,15 @@ def check_timesteps(timesteps) -> int:
     return int(timesteps)
 
 
-def linear_beta_schedule(timesteps: int, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
-    """Ho et al. (2020): betas evenly spaced from ``start`` to ``end``. float64 [T]."""
+def linear_beta_schedule(timesteps: int, start: float = BETA_START, end: float = BETA_END, *,
+                         beta_start: float | None = None, beta_end: float | None = None) -> np.ndarray:
+    """Ho et al. (2020): betas evenly spaced from ``start`` to ``end`` (``beta_start`` /
+    ``beta_end``: the same, under diffusers' names). float64 [T].
+
+    diffusers' ``linear`` is ``torch.linspace(beta_start, beta_end, T)`` in float32, within
+    1 ulp of these values rounded to float32."""
+    start = start if beta_start is None else beta_start
+    end = end if beta_end is None else beta_end
     return np.linspace(start, end, timesteps, dtype=np.float64)
 
 
@@ -83,17 +91,33 @@ def schedule_arrays(betas: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def make_schedule(timesteps: int, kind: str = "linear") -> DiffusionSchedule:
+def check_linear_betas(beta_start, beta_end) -> tuple[float, float]:
+    """``(beta_start, beta_end)`` as floats if both are finite numbers in (0, 1); raises ValueError."""
+    for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0 < v < 1:
+            raise ValueError(f"{name} must be a number in (0, 1), got {v!r}")
+    return float(beta_start), float(beta_end)
+
+
+def make_schedule(timesteps: int, kind: str = "linear", *, beta_start: float = BETA_START,
+                  beta_end: float = BETA_END) -> DiffusionSchedule:
     """Builds the float32 ``DiffusionSchedule`` for ``kind`` in ``SCHEDULES``.
 
+    ``beta_start`` / ``beta_end`` are the linear schedule's first and last beta (defaults:
+    Ho et al.'s 1e-4 and 0.02, what this function always used); the cosine schedule has none.
+
     Raises:
-      ValueError: if ``timesteps < MIN_TIMESTEPS`` (:func:`check_timesteps`) or ``kind``
-        is unknown.
+      ValueError: if ``timesteps < MIN_TIMESTEPS`` (:func:`check_timesteps`), ``kind``
+        is unknown, a beta is not in (0, 1), or betas other than the defaults are given for
+        the cosine schedule.
     """
     check_timesteps(timesteps)
     if kind == "linear":
-        betas = linear_beta_schedule(timesteps)
+        betas = linear_beta_schedule(timesteps, *check_linear_betas(beta_start, beta_end))
     elif kind == "cosine":
+        if (beta_start, beta_end) != (BETA_START, BETA_END):
+            raise ValueError(f"beta_start and beta_end apply to the linear schedule only, got {beta_start!r} and "
+                             f"{beta_end!r} for the cosine schedule")
         betas = cosine_beta_schedule(timesteps)
     else:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")

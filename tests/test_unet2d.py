@@ -200,7 +200,7 @@ def test_config_from_dict_refuses_unknown_keys():
 def test_registry_entry():
     arch = registry.get_arch("unet2d")
     config = arch.config_from_fields(3)
-    assert arch.fields == () and not arch.has_batch_stats
+    assert arch.fields == ("arch_config",) and not arch.has_batch_stats
     assert config == unet2d.default_config(3) and config.in_channels == config.out_channels == 3
     assert config.block_out_channels == (32, 64, 64) and config.down_block_types == (D, D, AD)
     assert arch.size_multiple(config) == 4 and arch.size_multiple(UNet2DConfig()) == 8

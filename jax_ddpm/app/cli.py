@@ -17,7 +17,8 @@ from importlib import metadata
 from typing import Sequence
 
 from ..models.registry import ARCH_NAMES, ARCHITECTURES, DEFAULT_ARCH
-from .config import (BN_STATS, CHANNELS, DTYPES, LAYOUTS, MIN_TIMESTEPS, SAMPLERS, SCHEDULES, ConfigError,
+from .arch_options import add_unet2d_arguments
+from .config import (BN_STATS, CHANNELS, DTYPES, LAYOUTS, MIN_TIMESTEPS, SAMPLERS, SCHEDULES, VARIANCES, ConfigError,
                      DiffusionConfig, ModelConfig, OptimConfig, SampleConfig, TrainConfig, convert_config_from_args,
                      default_size_multiple, sample_config_from_args, train_config_from_args)
 from .console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NONFINITE, PROG, error, note, warning
@@ -36,6 +37,7 @@ A functional JAX/Flax DDPM (Ho et al. 2020) that mirrors a textbook chapter's Py
   jax-ddpm train   --workdir runs/digits            train on scikit-learn's digits (or --data)
   jax-ddpm sample  --workdir runs/digits --out x.png  sample with the EMA weights
   jax-ddpm convert --workdir runs/digits --out m.safetensors   export for torch_ref
+  jax-ddpm convert --from-diffusers DIR --workdir runs/imported  a diffusers UNet2DModel / DDPMPipeline
   jax-ddpm parity ...   the parity report (needs torch)
   jax-ddpm bench ...    the JAX vs PyTorch benchmarks (needs torch)
 
@@ -117,14 +119,19 @@ def _add_train_model(p, m: ModelConfig, d: DiffusionConfig) -> None:
     arches = "; ".join(f"{name}: {a.description}" for name, a in ARCHITECTURES.items())
     g.add_argument("--arch", default=DEFAULT_ARCH, choices=ARCH_NAMES, help=f"the network ({arches})")
     g.add_argument("--features", default=",".join(map(str, m.features)), metavar="F0,F1,...",
-                   help="channel widths, comma-separated positive integers; how many depends on --arch "
-                        "(chapter: 4, the chapter's own are 64,128,256,512)")
+                   help="--arch chapter: channel widths, comma-separated positive integers; how many depends on "
+                        "--arch (chapter: 4, the chapter's own are 64,128,256,512; unet2d: --block-out-channels)")
     g.add_argument("--time-emb-dim", type=int, default=m.time_emb_dim, metavar="D",
                    help="size of the sinusoidal time embedding (even)")
     g.add_argument("--timesteps", type=int, default=d.timesteps, metavar="T",
                    help=f"number of diffusion steps T, at least {MIN_TIMESTEPS} (the chain length when sampling)")
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
-                   help="beta schedule: linear (Ho et al. 2020) or cosine (Nichol & Dhariwal 2021)")
+                   help="beta schedule: linear (Ho et al. 2020; diffusers' 'linear') or cosine (Nichol & Dhariwal "
+                        "2021; diffusers' 'squaredcos_cap_v2')")
+    g.add_argument("--beta-start", type=float, default=None, metavar="B",
+                   help=f"--schedule linear: the first beta, in (0, 1) (default {d.beta_start:g})")
+    g.add_argument("--beta-end", type=float, default=None, metavar="B",
+                   help=f"--schedule linear: the last beta, in (0, 1) (default {d.beta_end:g})")
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES,
                    help="compute dtype of the network; parameters, optimizer state and the loss stay float32")
 
@@ -176,6 +183,7 @@ def _add_train(sub) -> None:
                        epilog=TRAIN_EPILOG, formatter_class=HelpFormatter)
     _add_train_data(p, t.model)
     _add_train_model(p, t.model, t.diffusion)
+    add_unet2d_arguments(p)
     _add_train_optim(p, t.optim, t)
     _add_train_bookkeeping(p, t)
 
@@ -200,8 +208,14 @@ def _add_sample(sub) -> None:
                    help="ddpm: ancestral sampling, Ho et al. 2020 Algorithm 2 (posterior variance); chapter: the "
                         "chapter's printed loop (errata E2, E3), for comparison only")
     _add_checkpoint_step(p, "load")
-    p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
+    p.add_argument("--clip-denoised", dest="clip_denoised", action="store_const", const=True, default=None,
+                   help="clip the predicted x0 to [-1, 1] at each ddpm step (default: the work folder's setting: "
+                        "on for runs trained here, diffusers' clip_sample for imported ones)")
+    p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_const", const=False,
                    help="do not clip the predicted x0 to [-1, 1] at each ddpm step")
+    p.add_argument("--variance", default=None, choices=VARIANCES,
+                   help="variance of each ddpm step: beta_tilde (the posterior's; diffusers' fixed_small) or beta "
+                        "(diffusers' fixed_large); default: the work folder's (beta_tilde for runs trained here)")
     p.add_argument("--bn-stats", default=SampleConfig.bn_stats, choices=BN_STATS, help=BN_HELP)
     p.add_argument("--noise", default=None, metavar="FILE.npz",
                    help="pre-drawn noise instead of --seed: 'x_T' [N,H,W,C] and 'noises' [T,N,H,W,C] float32, "
@@ -210,9 +224,11 @@ def _add_sample(sub) -> None:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="export weights to torch-named safetensors, or import them",
+    p = sub.add_parser("convert", help="export weights to torch-named safetensors or a diffusers folder, or import "
+                                       "them",
                        description="Export the EMA weights of a checkpoint under torch state_dict names "
-                                   "(--out), or import such a file into a new work folder (--from-torch).",
+                                   "(--out) or as a diffusers DDPMPipeline folder (--to-diffusers), or import such "
+                                   "a file or folder into a new work folder (--from-torch, --from-diffusers).",
                        formatter_class=HelpFormatter)
     p.add_argument("--workdir", required=True, metavar="DIR",
                    help="the trained work folder (export) or a new one to create (import)")
@@ -222,9 +238,19 @@ def _add_convert(sub) -> None:
     p.add_argument("--from-torch", default=None, metavar="FILE.safetensors",
                    help="import: read such a file (e.g. torch_ref.weights.save_unet's) and write checkpoint 0 "
                         "into --workdir, which must not hold a run yet")
+    p.add_argument("--to-diffusers", default=None, metavar="DIR",
+                   help="export (--arch unet2d runs): write a DDPMPipeline folder (unet/ with the EMA weights, "
+                        "scheduler/ with the run's schedule and sampling settings) that diffusers' "
+                        "DDPMPipeline.from_pretrained(DIR) loads; DIR must not exist or be empty")
+    p.add_argument("--from-diffusers", default=None, metavar="DIR",
+                   help="import: a diffusers UNet2DModel folder (config.json + safetensors weights) or pipeline "
+                        "folder (model_index.json, unet/, scheduler/) into checkpoint 0 of a new --workdir; the "
+                        "scheduler's settings become the run's (T, betas, variance, clipping); a folder without one "
+                        "takes DDPMScheduler's defaults")
     _add_checkpoint_step(p, "export")
     p.add_argument("--image-size", type=int, default=ModelConfig().image_size, metavar="S",
-                   help="import: image size to sample at, when the file's metadata has none")
+                   help="import: image size to sample at, when the file's metadata (or the diffusers config's "
+                        "sample_size) has none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,8 +321,8 @@ def _dispatch(args: argparse.Namespace, train_hooks) -> int:
         return sample(config)
     if args.command == "convert":
         config = convert_config_from_args(args)
-        from .convert import export_weights, import_weights
-        return export_weights(config) if config.out else import_weights(config)
+        from .convert import convert
+        return convert(config)
     return error(f"unknown command {args.command!r}")
 
 

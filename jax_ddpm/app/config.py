@@ -16,25 +16,37 @@ keep it; training-length and bookkeeping options (``--steps``, ``--checkpoint-ev
 maths as one (``jax_ddpm.parallel``), so neither the device count nor ``--distributed`` is
 part of the identity. A field missing from a saved identity (``model.arch``: checkpoints
 written before the architecture registry) takes its default (:func:`complete_identity`).
+
+An architecture other than the chapter's is described by its own config, held as canonical
+JSON in ``ModelConfig.arch_config`` (``app.arch_options``); its fields compare one by one.
+The settings a run samples with by default (``SAMPLING_DEFAULTS``: the DDPM variance and
+x0 clipping) are not part of the identity: they live in the checkpoint metadata (an
+imported diffusers scheduler sets them) and ``sample`` options override them.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..data import CHANNELS, LAYOUTS
+from ..diffusion import VARIANCES
 from ..models.arch import ArchConfigError, Architecture
 from ..models.registry import ARCH_NAMES, DEFAULT_ARCH, get_arch
 from ..parallel import DTYPES
 from ..sampling import BN_STATS, SAMPLERS
-from ..schedules import MIN_TIMESTEPS, SCHEDULES, check_timesteps
+from ..schedules import BETA_END, BETA_START, MIN_TIMESTEPS, SCHEDULES
+from .arch_options import (ARCH_CONFIG_FIELD, NOT_COMPARED_FIELDS, UNET2D_FIELD_OPTIONS, arch_config_from_args,
+                           arch_error, canonical_arch_config)
+from .checks import ConfigError, check_timesteps_option, checkpoint_step_from_args, choice as _choice
+from .checks import existing_file as _existing_file, existing_folder, int_list
+from .checks import finite_float as _finite_float, new_folder, non_negative as _non_negative
+from .checks import out_file as _out_file, positive as _positive, resolve_data_source, workdir_path as _workdir
 
-
-class ConfigError(ValueError):
-    """Bad user input; the message is one line that names the option or file."""
+# What a run samples with unless ``sample`` says otherwise (checkpoint metadata ``sampling``;
+# runs trained here and folders written before it: the posterior variance, clipped x0).
+SAMPLING_DEFAULTS: dict[str, Any] = {"variance": "beta_tilde", "clip_denoised": True}
 
 
 @dataclass(frozen=True)
@@ -51,12 +63,15 @@ class ModelConfig:
     time_emb_dim: int = 32
     dtype: str = "float32"  # compute dtype; parameters stay float32
     arch: str = DEFAULT_ARCH
+    arch_config: str = ""  # the architecture's own config as canonical JSON (app.arch_options); "" = its default
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
     timesteps: int = 200
     schedule: str = "cosine"
+    beta_start: float = BETA_START  # the linear schedule's first and last beta (the cosine one has none)
+    beta_end: float = BETA_END
 
 
 @dataclass(frozen=True)
@@ -103,8 +118,9 @@ class SampleConfig:
     sampler: str = "ddpm"
     step: int | None = None  # checkpoint step (--checkpoint-step); None = latest
     noise: str | None = None  # .npz with x_T [N, H, W, C] and noises [T, N, H, W, C]
-    clip_denoised: bool = True
+    clip_denoised: bool | None = None  # None = the run's (SAMPLING_DEFAULTS unless imported otherwise)
     bn_stats: str = "batch"
+    variance: str | None = None  # ddpm: 'beta_tilde' or 'beta'; None = the run's
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,8 @@ class ConvertConfig:
     from_torch: str | None = None  # import: safetensors file to read
     step: int | None = None  # export: checkpoint step (--checkpoint-step); None = latest
     image_size: int = 16  # import only: the image size recorded for sampling
+    to_diffusers: str | None = None  # export: a DDPMPipeline folder to create
+    from_diffusers: str | None = None  # import: a diffusers UNet2DModel or pipeline folder
 
 
 # ----------------------------------------------------------------------------- identity / JSON
@@ -121,13 +139,16 @@ class ConvertConfig:
 OPTION_NAMES = {
     "model.image_size": "--image-size", "model.channels": "--channels", "model.features": "--features",
     "model.time_emb_dim": "--time-emb-dim", "model.dtype": "--dtype", "model.arch": "--arch",
+    "model.arch_config": "--unet2d-config",
     "diffusion.timesteps": "--timesteps", "diffusion.schedule": "--schedule",
+    "diffusion.beta_start": "--beta-start", "diffusion.beta_end": "--beta-end",
     "data.source": "--data", "data.layout": "--layout",
     "optim.batch_size": "--batch-size", "optim.lr": "--lr", "optim.ema_decay": "--ema-decay",
     "optim.grad_clip": "--grad-clip", "seed": "--seed",
 }
 # An architecture config field (ArchConfigError.field) -> the option that sets it.
-ARCH_FIELD_OPTIONS = {"features": "--features", "time_emb_dim": "--time-emb-dim", "img_channels": "--channels"}
+ARCH_FIELD_OPTIONS = {"features": "--features", "time_emb_dim": "--time-emb-dim", "img_channels": "--channels",
+                      ARCH_CONFIG_FIELD: "--unet2d-config", **UNET2D_FIELD_OPTIONS}
 
 
 def to_dict(config: Any) -> dict:
@@ -151,20 +172,50 @@ def complete_identity(saved: Mapping[str, Any]) -> dict[str, Any]:
     return {**identity(TrainConfig(workdir="")), **saved}
 
 
-def identity_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+def identity_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], *, parts: tuple[str, ...] | None = None,
+                      ignore: tuple[str, ...] = (), ignore_arch_fields: tuple[str, ...] = ()) -> str | None:
     """First difference between two :func:`identity` dicts as a phrase, or None if equal.
 
-    Fields missing on either side take their defaults (:func:`complete_identity`)."""
+    Fields missing on either side take their defaults (:func:`complete_identity`).
+    ``model.arch_config`` compares the two architecture configs field by field (naming the
+    option of the first that differs; ``ignore_arch_fields`` are skipped). ``parts``: compare
+    only these parts (``'model'``, ``'diffusion'``, ...); ``ignore``: dotted fields skipped."""
     saved, current = complete_identity(saved), complete_identity(current)
     for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
+        if (parts is not None and key.split(".")[0] not in parts) or key in ignore:
+            continue
+        if key == f"model.{ARCH_CONFIG_FIELD}":
+            diff = _arch_config_mismatch(saved, current, ignore_arch_fields)
+            if diff:
+                return diff
+        elif saved.get(key) != current.get(key):
             option = OPTION_NAMES.get(key, key)
             return f"{option} was {_show(saved.get(key))}, now {_show(current.get(key))}"
     return None
 
 
+def _arch_config_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: tuple[str, ...]) -> str | None:
+    """The first architecture config field that differs (the identities name the same arch)."""
+    key = f"model.{ARCH_CONFIG_FIELD}"
+    if saved[key] == current[key]:
+        return None
+    try:
+        a, b = (arch_config(ModelConfig(arch=i["model.arch"], channels=i["model.channels"], arch_config=i[key]))[1]
+                for i in (saved, current))
+        readable = ARCH_CONFIG_FIELD in get_arch(current["model.arch"]).fields
+    except (ValueError, TypeError):
+        readable = False
+    if not readable:  # compare the text
+        return f"{OPTION_NAMES[key]} was {saved[key] or '(the default)'}, now {current[key] or '(the default)'}"
+    for f in dataclasses.fields(a):
+        if f.name not in ignore + NOT_COMPARED_FIELDS and getattr(a, f.name) != getattr(b, f.name):
+            option = UNET2D_FIELD_OPTIONS.get(f.name, f"{current['model.arch']} config field {f.name}")
+            return f"{option} was {_show(getattr(a, f.name))}, now {_show(getattr(b, f.name))}"
+    return None
+
+
 def _show(v: Any) -> str:
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return ",".join(str(x) for x in v)
     return str(v)
 
@@ -203,7 +254,7 @@ def model_config_from_arch(arch: Architecture, config: Any, image_size: int, dty
     Raises:
       ValueError: no channel count in ``CHANNELS`` gives the config back.
     """
-    fields = {f: getattr(config, f) for f in arch.fields}
+    fields = {f: canonical_arch_config(config) if f == ARCH_CONFIG_FIELD else getattr(config, f) for f in arch.fields}
     for channels in CHANNELS:
         model = ModelConfig(image_size=image_size, channels=channels, dtype=dtype, arch=arch.name, **fields)
         try:
@@ -232,7 +283,9 @@ def check_arch(model: ModelConfig) -> ModelConfig:
         unused = [f for f in ARCH_FIELD_OPTIONS if f not in arch.fields and hasattr(model, f)
                   and getattr(model, f) != getattr(ModelConfig(), f)]
     except ArchConfigError as e:
-        raise ConfigError(f"{ARCH_FIELD_OPTIONS.get(e.field, e.field)}: {e.message}") from None
+        if e.field in ARCH_FIELD_OPTIONS:
+            raise ConfigError(f"{ARCH_FIELD_OPTIONS[e.field]}: {e.message}") from None
+        raise arch_error(e) from None
     except ValueError as e:
         raise ConfigError(f"--arch: {e}") from None
     if unused:  # refused, not silently ignored
@@ -245,33 +298,7 @@ def check_arch(model: ModelConfig) -> ModelConfig:
 def parse_features(text: str) -> tuple[int, ...]:
     """``'16,32,64,128'`` -> (16, 32, 64, 128): comma-separated positive integers (how many:
     the architecture decides, :func:`check_arch`)."""
-    try:
-        features = tuple(int(x) for x in str(text).split(","))
-    except ValueError:
-        raise ConfigError(f"--features must be comma-separated positive integers, got {text!r}") from None
-    if any(f < 1 for f in features):
-        raise ConfigError(f"--features must be comma-separated positive integers, got {text!r}")
-    return features
-
-
-def _positive(name: str, value: int) -> int:
-    if value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative(name: str, value: int) -> int:
-    if value < 0:
-        raise ConfigError(f"{name} must be 0 or a positive integer, got {value}")
-    return value
-
-
-def check_timesteps_option(value: int, option: str = "--timesteps") -> int:
-    """``schedules.check_timesteps`` (T >= MIN_TIMESTEPS) as a ConfigError naming ``option``."""
-    try:
-        return check_timesteps(value)
-    except ValueError:
-        raise ConfigError(f"{option} must be an integer >= {MIN_TIMESTEPS}, got {value}") from None
+    return int_list("--features", text)
 
 
 def check_image_size(size: int, multiple: int | None = None, arch: str = DEFAULT_ARCH) -> int:
@@ -284,47 +311,19 @@ def check_image_size(size: int, multiple: int | None = None, arch: str = DEFAULT
     return size
 
 
-def _choice(name: str, value: Any, choices: tuple) -> Any:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
-    return value
-
-
-def _finite_float(name: str, value: float, low: float, high: float | None = None, low_open: bool = False,
-                  high_open: bool = True) -> float:
-    ok = value == value and value not in (float("inf"), float("-inf"))
-    ok = ok and (value > low if low_open else value >= low)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        lo = f"{'(' if low_open else '['}{low:g}"
-        hi = f"{high:g}{')' if high_open else ']'}" if high is not None else "inf)"
-        raise ConfigError(f"{name} must be in {lo}, {hi}, got {value}")
-    return float(value)
-
-
-def resolve_data_source(text: str) -> str:
-    """``'digits'`` stays; a path must exist and becomes absolute."""
-    if text == "digits":
-        return text
-    path = os.path.abspath(os.path.expanduser(text))
-    if not os.path.exists(path):
-        raise ConfigError(f"--data {text}: no such file or directory (use 'digits' or a folder, .npz or .npy)")
-    if os.path.isfile(path) and not path.lower().endswith((".npz", ".npy")):
-        raise ConfigError(f"--data {text}: a file must be .npz or .npy (or give a folder of images)")
-    return path
-
-
 def train_config_from_args(args: Any) -> TrainConfig:
     """Validates the ``train`` namespace. Raises ConfigError (one line)."""
-    model = check_arch(ModelConfig(image_size=args.image_size,
-                                   channels=_choice("--channels", args.channels, CHANNELS),
+    arch = _choice("--arch", getattr(args, "arch", DEFAULT_ARCH), ARCH_NAMES)
+    channels = _choice("--channels", args.channels, CHANNELS)
+    model = check_arch(ModelConfig(image_size=args.image_size, channels=channels,
                                    features=parse_features(args.features),
                                    time_emb_dim=args.time_emb_dim,
-                                   dtype=_choice("--dtype", args.dtype, DTYPES),
-                                   arch=_choice("--arch", getattr(args, "arch", DEFAULT_ARCH), ARCH_NAMES)))
-    diffusion = DiffusionConfig(timesteps=check_timesteps_option(args.timesteps),
-                                schedule=_choice("--schedule", args.schedule, SCHEDULES))
+                                   dtype=_choice("--dtype", args.dtype, DTYPES), arch=arch,
+                                   arch_config=arch_config_from_args(args, arch, get_arch(arch).fields, channels,
+                                                                     args.image_size)))
+    schedule = _choice("--schedule", args.schedule, SCHEDULES)
+    diffusion = DiffusionConfig(timesteps=check_timesteps_option(args.timesteps), schedule=schedule,
+                                **_betas_from_args(args, schedule))
     data = DataConfig(source=resolve_data_source(args.data), layout=_choice("--layout", args.layout, LAYOUTS))
     optim = OptimConfig(batch_size=_positive("--batch-size", args.batch_size),
                         lr=_finite_float("--lr", args.lr, 0.0, low_open=True),
@@ -341,40 +340,14 @@ def train_config_from_args(args: Any) -> TrainConfig:
                        distributed=bool(getattr(args, "distributed", False)))
 
 
-def _workdir(text: str) -> str:
-    path = os.path.abspath(os.path.expanduser(text))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--workdir {text}: exists and is not a folder")
-    return path
-
-
-def _out_file(option: str, text: str, suffixes: tuple[str, ...]) -> str:
-    path = os.path.abspath(os.path.expanduser(text))
-    if not path.lower().endswith(suffixes):
-        raise ConfigError(f"{option} {text}: must end in {' or '.join(suffixes)}")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"{option} {text}: folder {parent} does not exist")
-    if os.path.isdir(path):
-        raise ConfigError(f"{option} {text}: is a folder")
-    return path
-
-
-def _existing_file(option: str, text: str) -> str:
-    path = os.path.abspath(os.path.expanduser(text))
-    if not os.path.isfile(path):
-        raise ConfigError(f"{option} {text}: no such file")
-    return path
-
-
-def checkpoint_step_from_args(args: Any) -> int | None:
-    """``--checkpoint-step`` (or its deprecated spelling ``--steps``): None = the latest."""
-    step, old = getattr(args, "checkpoint_step", None), getattr(args, "steps", None)
-    if step is not None and old is not None and step != old:
-        raise ConfigError(f"--steps {old} and --checkpoint-step {step} disagree; give only --checkpoint-step")
-    if step is None and old is not None:
-        return _non_negative("--steps", old)
-    return None if step is None else _non_negative("--checkpoint-step", step)
+def _betas_from_args(args: Any, schedule: str) -> dict[str, float]:
+    """``--beta-start`` / ``--beta-end`` (the linear schedule's; None = the defaults)."""
+    given = {k: getattr(args, k, None) for k in ("beta_start", "beta_end")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and schedule != "linear":
+        option = "--" + next(iter(given)).replace("_", "-")
+        raise ConfigError(f"{option}: only --schedule linear has betas to set, got --schedule {schedule}")
+    return {k: _finite_float("--" + k.replace("_", "-"), v, 0.0, 1.0, low_open=True) for k, v in given.items()}
 
 
 def sample_config_from_args(args: Any) -> SampleConfig:
@@ -384,27 +357,38 @@ def sample_config_from_args(args: Any) -> SampleConfig:
                         sampler=_choice("--sampler", args.sampler, SAMPLERS),
                         step=checkpoint_step_from_args(args),
                         noise=None if args.noise is None else _existing_file("--noise", args.noise),
-                        clip_denoised=bool(args.clip_denoised),
-                        bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS))
+                        clip_denoised=None if args.clip_denoised is None else bool(args.clip_denoised),
+                        bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS),
+                        variance=None if getattr(args, "variance", None) is None
+                        else _choice("--variance", args.variance, VARIANCES))
 
 
 def convert_config_from_args(args: Any) -> ConvertConfig:
-    """Validates the ``convert`` namespace: exactly one of --out / --from-torch.
+    """Validates the ``convert`` namespace: exactly one of --out / --to-diffusers (export) and
+    --from-torch / --from-diffusers (import).
 
     ``--image-size`` is checked against the architecture's size multiple at import, once
     the file says which architecture it holds."""
-    if (args.out is None) == (args.from_torch is None):
-        raise ConfigError("convert needs exactly one of --out FILE (export) or --from-torch FILE (import)")
+    to_diffusers, from_diffusers = getattr(args, "to_diffusers", None), getattr(args, "from_diffusers", None)
+    given = [o for o, v in (("--out", args.out), ("--to-diffusers", to_diffusers), ("--from-torch", args.from_torch),
+                            ("--from-diffusers", from_diffusers)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("convert needs exactly one of --out FILE or --to-diffusers DIR (export), --from-torch FILE "
+                          "or --from-diffusers DIR (import)" + (f"; got {' and '.join(given)}" if given else ""))
     return ConvertConfig(workdir=_workdir(args.workdir),
                          out=None if args.out is None else _out_file("--out", args.out, (".safetensors",)),
                          from_torch=None if args.from_torch is None else _existing_file("--from-torch",
                                                                                         args.from_torch),
                          step=checkpoint_step_from_args(args),
-                         image_size=_positive("--image-size", args.image_size))
+                         image_size=_positive("--image-size", args.image_size),
+                         to_diffusers=None if to_diffusers is None else new_folder("--to-diffusers", to_diffusers),
+                         from_diffusers=None if from_diffusers is None else existing_folder("--from-diffusers",
+                                                                                            from_diffusers))
 
 
 __all__ = [
     "ARCH_FIELD_OPTIONS", "ARCH_NAMES", "BN_STATS", "CHANNELS", "ConfigError", "ConvertConfig", "DTYPES",
+    "SAMPLING_DEFAULTS", "VARIANCES",
     "DataConfig", "DiffusionConfig", "LAYOUTS", "MIN_TIMESTEPS", "ModelConfig", "OPTION_NAMES", "OptimConfig",
     "SAMPLERS", "SCHEDULES", "SampleConfig", "TrainConfig", "arch_config", "check_arch", "check_image_size",
     "check_timesteps_option", "checkpoint_step_from_args", "complete_identity", "convert_config_from_args",

@@ -1,9 +1,13 @@
-"""``jax-ddpm convert``: a checkpoint's EMA weights <-> a safetensors file under torch names.
+"""``jax-ddpm convert``: a checkpoint's EMA weights <-> a safetensors file under torch names
+(here) or a diffusers folder (``app.diffusers_folder``).
 
 Export (``--out``) writes the architecture's weight table (``Architecture.weight_table``;
 a model without BatchNorm has no ``batch_stats`` rows) with ``convert.arch_metadata`` plus
 ``image_size`` and ``step``. Import (``--from-torch``) reads such a file (no ``arch`` key:
 the chapter's U-Net, files written before the registry) into checkpoint 0 of a new work folder.
+
+An imported folder's checkpoint 0 records ``imported_from``: ``train`` on it fine-tunes
+(``app.train``), and its ``sampling`` metadata holds the sample settings the source carried.
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import sys
 from typing import Any, Mapping, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import checkpoint as ckpt
@@ -22,10 +25,10 @@ from ..images import atomic_write
 from ..models.registry import get_arch
 from ..schedules import SCHEDULES
 from ..training import model_variables
-from .config import (ConfigError, ConvertConfig, DiffusionConfig, TrainConfig, arch_config, check_image_size,
-                     check_timesteps_option, identity, model_config_from_arch, to_dict)
+from .config import (SAMPLING_DEFAULTS, ConfigError, ConvertConfig, DiffusionConfig, TrainConfig, arch_config,
+                     check_image_size, check_timesteps_option, identity, model_config_from_arch, to_dict)
 from .console import EXIT_OK
-from .factories import abstract_state, build_schedule, init_state, run_keys
+from .factories import abstract_state, run_keys, state_from_variables
 from .workdir import RunFiles, holds_run, load_run, write_json
 
 
@@ -100,34 +103,56 @@ def _variables_from_tensors(path: str, tensors: Mapping[str, np.ndarray], run_co
     return variables
 
 
+def check_new_workdir(workdir: str) -> None:
+    """Import targets a work folder without a run (nothing there is overwritten)."""
+    if holds_run(workdir):
+        raise ConfigError(f"--workdir {workdir}: already holds a run; import into a new --workdir")
+
+
 def import_weights(config: ConvertConfig, stream: TextIO | None = None) -> int:
     """``convert --from-torch``: a safetensors file -> checkpoint 0 of a new work folder (for sample)."""
     path = config.from_torch
-    if holds_run(config.workdir):
-        raise ConfigError(f"--workdir {config.workdir}: already holds a run; import into a new --workdir")
+    check_new_workdir(config.workdir)
     try:
         tensors, meta = load_safetensors(path)
     except ValueError as e:  # "<path>: not a readable safetensors file (...)"
         raise ConfigError(f"--from-torch {e}") from None
     run_config = _run_config_from_metadata(config, meta)
     variables = _variables_from_tensors(path, tensors, run_config)
-    keys = run_keys(run_config.seed)
-    state = init_state(run_config, keys["init"], build_schedule(run_config))
-    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-    batch_stats = variables.get("batch_stats")
-    state = state.replace(params=params, ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                          batch_stats=None if batch_stats is None else jax.tree_util.tree_map(jnp.asarray, batch_stats))
-    os.makedirs(config.workdir, exist_ok=True)
-    write_json(RunFiles(config.workdir).config, dict(to_dict(run_config), version=1, imported_from=path))
-    manager = ckpt.make_manager(config.workdir, keep=run_config.keep_checkpoints)
-    try:
-        ckpt.save(manager, 0, ckpt.state_to_tree(state, keys["train"]),
-                  {"identity": identity(run_config), "data_fingerprint": None, "data_position": [0, 0],
-                   "num_images": None, "imported_from": path})
-    finally:
-        manager.close()
+    write_imported_run(run_config, variables, path)
     print(f"imported {path} into {config.workdir} (checkpoint 0)", file=stream or sys.stdout)
     return EXIT_OK
 
 
-__all__ = ["export_weights", "import_weights"]
+def write_imported_run(run_config: TrainConfig, variables: Mapping[str, Any], source: str,
+                       sampling: Mapping[str, Any] | None = None) -> None:
+    """Checkpoint 0 of a new work folder with ``variables`` as params and EMA params (the rest
+    of the state freshly initialised), its config.json, and ``imported_from`` / ``sampling``
+    (default ``SAMPLING_DEFAULTS``) in the checkpoint metadata."""
+    sampling = dict(SAMPLING_DEFAULTS, **(sampling or {}))
+    keys = run_keys(run_config.seed)
+    state = state_from_variables(run_config, variables)
+    workdir = run_config.workdir
+    os.makedirs(workdir, exist_ok=True)
+    write_json(RunFiles(workdir).config, dict(to_dict(run_config), version=1, imported_from=source, sampling=sampling))
+    manager = ckpt.make_manager(workdir, keep=run_config.keep_checkpoints)
+    try:
+        ckpt.save(manager, 0, ckpt.state_to_tree(state, keys["train"]),
+                  {"identity": identity(run_config), "data_fingerprint": None, "data_position": [0, 0],
+                   "num_images": None, "imported_from": source, "sampling": sampling})
+    finally:
+        manager.close()
+
+
+def convert(config: ConvertConfig) -> int:
+    """``jax-ddpm convert``: the direction its one given option names."""
+    if config.out:
+        return export_weights(config)
+    if config.from_torch:
+        return import_weights(config)
+    from .diffusers_folder import export_diffusers, import_diffusers
+
+    return export_diffusers(config) if config.to_diffusers else import_diffusers(config)
+
+
+__all__ = ["check_new_workdir", "convert", "export_weights", "import_weights", "write_imported_run"]

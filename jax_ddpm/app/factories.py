@@ -9,12 +9,13 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from .. import parallel
 from ..schedules import DiffusionSchedule, make_schedule
-from ..training import TrainState, create_train_state, make_optimizer, train_step
+from ..training import TrainState, create_train_state, make_optimizer, train_state_from_variables, train_step
 from .config import ModelConfig, TrainConfig, arch_config
 
 
@@ -29,7 +30,8 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def build_schedule(config: TrainConfig) -> DiffusionSchedule:
-    return make_schedule(config.diffusion.timesteps, config.diffusion.schedule)
+    d = config.diffusion
+    return make_schedule(d.timesteps, d.schedule, beta_start=d.beta_start, beta_end=d.beta_end)
 
 
 def build_optimizer(config: TrainConfig):
@@ -67,6 +69,18 @@ def init_state(config: TrainConfig, key: jax.Array, schedule: DiffusionSchedule)
     return compiled(key, schedule)
 
 
+def state_from_variables(config: TrainConfig, variables, ema_params=None) -> TrainState:
+    """A TrainState of ``config`` holding ``variables`` (``{'params'[, 'batch_stats']}``: imported
+    or fine-tuned weights) with a fresh optimizer state, at step 0; the EMA starts at
+    ``ema_params`` (default: the params; none if ``--ema-decay 0``). Nothing is compiled."""
+    variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
+    state = train_state_from_variables(variables, build_model(config).apply, build_optimizer(config),
+                                       build_schedule(config), config.optim.ema_decay)
+    if ema_params is not None and state.ema_params is not None:
+        state = state.replace(ema_params=jax.tree_util.tree_map(jnp.array, ema_params))
+    return state
+
+
 def abstract_state(config: TrainConfig) -> TrainState:
     """The TrainState's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without FLOPs."""
     return jax.eval_shape(make_init_fn(config), jax.random.key(0), build_schedule(config))
@@ -84,4 +98,4 @@ def make_step_fn(mesh: Mesh | None = None) -> Callable[[TrainState, np.ndarray, 
 
 
 __all__ = ["abstract_state", "build_model", "build_model_from", "build_optimizer", "build_schedule", "image_shape",
-           "init_state", "make_init_fn", "make_step_fn", "run_keys"]
+           "init_state", "make_init_fn", "make_step_fn", "run_keys", "state_from_variables"]

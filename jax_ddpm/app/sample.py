@@ -1,4 +1,9 @@
-"""``jax-ddpm sample``: EMA weights of a checkpoint, eval mode, the whole chain one program."""
+"""``jax-ddpm sample``: EMA weights of a checkpoint, eval mode, the whole chain one program.
+
+The ddpm sampler's variance and x0 clipping default to the run's sampling settings
+(``LoadedRun.sampling``: the posterior variance and clipping for runs trained here, what the
+scheduler said for an imported diffusers folder); ``--variance`` / ``--[no-]clip-denoised``
+override them."""
 from __future__ import annotations
 
 import functools
@@ -36,10 +41,25 @@ def read_noise_file(path: str, timesteps: int, shape: tuple[int, int, int]) -> t
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_sample_fn(model_config: ModelConfig, sampler: str, bn_stats: str, clip_denoised: bool | None):
+def _cached_sample_fn(model_config: ModelConfig, sampler: str, bn_stats: str, options: tuple):
     """One compiled sampler per model and options within a process (repeated ``sample`` calls)."""
-    options = {} if clip_denoised is None else {"clip_denoised": clip_denoised}
-    return make_sample_fn(build_model_from(model_config), sampler, bn_stats=bn_stats, **options)
+    return make_sample_fn(build_model_from(model_config), sampler, bn_stats=bn_stats, **dict(options))
+
+
+def sampler_options(config: SampleConfig, run_sampling: dict) -> dict:
+    """The ddpm sampler's ``variance`` and ``clip_denoised``: the options given, else the run's.
+
+    Raises:
+      ConfigError: ``--variance`` or ``--[no-]clip-denoised`` with a sampler that has no such setting.
+    """
+    if config.sampler != "ddpm":
+        given = [o for o, v in (("--variance", config.variance), ("--clip-denoised", config.clip_denoised))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: --sampler {config.sampler} has no such setting (--sampler ddpm has)")
+        return {}
+    return {"variance": run_sampling["variance"] if config.variance is None else config.variance,
+            "clip_denoised": run_sampling["clip_denoised"] if config.clip_denoised is None else config.clip_denoised}
 
 
 def write_samples(path: str, samples: np.ndarray) -> None:
@@ -61,8 +81,8 @@ def sample(config: SampleConfig, stream: TextIO | None = None) -> int:
         key = jax.random.key(config.seed)
         x_T = jax.random.normal(jax.random.fold_in(key, 0), (config.num,) + shape)
         noise = jax.random.fold_in(key, 1)
-    sample_fn = _cached_sample_fn(run.config.model, config.sampler, config.bn_stats,
-                                  config.clip_denoised if config.sampler == "ddpm" else None)
+    options = sampler_options(config, run.sampling)
+    sample_fn = _cached_sample_fn(run.config.model, config.sampler, config.bn_stats, tuple(sorted(options.items())))
     if (config.bn_stats == "batch" and x_T.shape[0] < MIN_BATCH_STATS
             and get_arch(run.config.model.arch).has_batch_stats):
         warning(f"{x_T.shape[0]} images are few for --bn-stats batch (each image is normalised with the batch's "
@@ -73,4 +93,4 @@ def sample(config: SampleConfig, stream: TextIO | None = None) -> int:
     return EXIT_OK
 
 
-__all__ = ["MIN_BATCH_STATS", "read_noise_file", "sample", "write_samples"]
+__all__ = ["MIN_BATCH_STATS", "read_noise_file", "sample", "sampler_options", "write_samples"]

@@ -13,6 +13,12 @@ the checkpoint saves and restores and the non-finite-loss stop; only process 0 w
 run Ctrl-C is acted on at the next logging or checkpoint step, once all processes agree
 (one small all-gather there).
 
+An imported folder's checkpoint 0 (``convert --from-torch`` / ``--from-diffusers``) is a
+starting point, not a run to resume: ``train`` on it fine-tunes the imported weights (params
+and EMA params) with a freshly initialised optimizer, this run's data, optimizer settings and
+seed (``workdir.check_resume`` says what must match). Its sampling defaults (checkpoint
+metadata ``sampling``) are carried into every checkpoint the run writes.
+
 The loop is a few functions over one :class:`_Loop` (its context and mutable state).
 :class:`TrainHooks` lets a caller (the tests' ``tests/train_runner.py``) change a batch or
 act after a step; the command itself passes none.
@@ -35,11 +41,12 @@ from ..data import BatchIterator, DataPosition, fingerprint, load_images
 from ..images import save_grid, save_loss_plot
 from ..sampling import make_sample_fn
 from ..training import TrainState
-from .config import ConfigError, TrainConfig, identity, to_dict
+from .config import SAMPLING_DEFAULTS, ConfigError, TrainConfig, identity, to_dict, train_config_from_identity
 from .console import EXIT_INTERRUPTED, EXIT_OK, InterruptFlag, Progress
 from .devices import Devices, any_process, local_copy, setup_devices
-from .factories import abstract_state, build_model, build_schedule, image_shape, init_state, make_step_fn, run_keys
-from .workdir import RunFiles, append_metrics, check_resume, trim_metrics, write_json
+from .factories import (abstract_state, build_model, build_schedule, image_shape, init_state, make_step_fn, run_keys,
+                        state_from_variables)
+from .workdir import RunFiles, append_metrics, check_resume, is_import_start, sampling_settings, trim_metrics, write_json
 
 PLOT_EVERY_S = 30.0  # loss.png is redrawn at a checkpoint at most this often (and always at the end)
 
@@ -69,6 +76,8 @@ class _Restored:
     state: TrainState | None
     train_key: jax.Array
     position: DataPosition
+    sampling: Mapping[str, Any] = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))
+    imported_from: str | None = None  # fine-tuning an imported folder's checkpoint 0
 
 
 @dataclass
@@ -91,6 +100,7 @@ class _Loop:
     step: int
     last_good: int | None
     history: list[dict]
+    sampling: Mapping[str, Any]
     pending: list[tuple[int, dict]] = field(default_factory=list)
     timer_step: int = 0
     timer: float = 0.0
@@ -121,20 +131,29 @@ def _restore(config: TrainConfig, devices: Devices, data_fp: str, keys: Mapping[
     reader = ckpt.make_manager(config.workdir, read_only=True)
     try:
         meta = check_resume(config, reader, start, data_fp)
-        template = abstract_state(config)
+        imported = is_import_start(meta, start)
+        saved = train_config_from_identity(config.workdir, meta["identity"]) if imported else config
+        template = abstract_state(saved)
         target = parallel.abstract_replicated(ckpt.state_to_tree(template, jax.random.key_data(keys["train"])),
                                               devices.mesh)
         tree = ckpt.restore(reader, start, target)  # arrays come back replicated over the mesh
     finally:
         reader.close()
-    state, train_key = ckpt.tree_to_state(template.replace(schedule=build_schedule(config)), tree)
-    return _Restored(start, state, train_key, DataPosition(*meta["data_position"]))
+    state, train_key = ckpt.tree_to_state(template.replace(schedule=build_schedule(saved)), tree)
+    sampling = sampling_settings(meta)
+    if imported:  # fine-tune: the imported weights, everything else this run's own fresh start
+        state = state_from_variables(config, {"params": state.params, "batch_stats": state.batch_stats},
+                                     ema_params=state.ema_params)
+        return _Restored(0, state, keys["train"], DataPosition(0, 0), sampling, meta["imported_from"])
+    return _Restored(start, state, train_key, DataPosition(*meta["data_position"]), sampling)
 
 
-def _sample_grid_fn(config: TrainConfig, keys: Mapping[str, jax.Array]) -> Callable[[TrainState], np.ndarray]:
-    """``grid(state) -> [N, H, W, C]`` samples from fixed x_T and noise (EMA, eval mode, clipped x0),
-    on one device (``local_copy``), not the whole mesh; compiled at its first call."""
-    sample = make_sample_fn(build_model(config), "ddpm", bn_stats=config.bn_stats, clip_denoised=True)
+def _sample_grid_fn(config: TrainConfig, keys: Mapping[str, jax.Array],
+                    sampling: Mapping[str, Any]) -> Callable[[TrainState], np.ndarray]:
+    """``grid(state) -> [N, H, W, C]`` samples from fixed x_T and noise (EMA weights, the run's
+    sampling settings: clipped x0 and the posterior variance unless imported otherwise), on
+    one device (``local_copy``), not the whole mesh; compiled at its first call."""
+    sample = make_sample_fn(build_model(config), "ddpm", bn_stats=config.bn_stats, **sampling)
     x_T = jax.random.normal(jax.random.fold_in(keys["sample"], 0), (config.num_samples,) + image_shape(config))
     noise_key = jax.random.fold_in(keys["sample"], 1)
 
@@ -145,36 +164,38 @@ def _sample_grid_fn(config: TrainConfig, keys: Mapping[str, jax.Array]) -> Calla
     return grid
 
 
-def _prepare_folder(config: TrainConfig, devices: Devices, start: int) -> list[dict]:
+def _prepare_folder(config: TrainConfig, devices: Devices, start: int, sampling: Mapping[str, Any]) -> list[dict]:
     """Creates the folder, records config.json and trims metrics past ``start``; the history."""
     os.makedirs(config.workdir, exist_ok=True)
     if not devices.primary:
         return []
     files = RunFiles(config.workdir)
     # the XLA_FLAGS this session ran with (jax-ddpm --xla-flags): a record, not part of the identity
-    write_json(files.config, dict(to_dict(config), version=1, parallel=devices.sizes,
+    write_json(files.config, dict(to_dict(config), version=1, parallel=devices.sizes, sampling=dict(sampling),
                                   xla_flags=os.environ.get("XLA_FLAGS", "")))
     return trim_metrics(files.metrics, start)
 
 
 def _start(config: TrainConfig, devices: Devices, images: np.ndarray, data_fp: str, restored: _Restored,
            keys: Mapping[str, jax.Array], progress: Progress, hooks: TrainHooks) -> _Loop:
-    history = _prepare_folder(config, devices, restored.start)
+    history = _prepare_folder(config, devices, restored.start, restored.sampling)
     progress.message(devices.describe())
     if restored.state is None:
         state = init_state(config, keys["init"], build_schedule(config))
     else:
         state = restored.state
-        progress.message(f"resuming {config.workdir} from step {restored.start}")
+        progress.message(f"fine-tuning the weights imported from {restored.imported_from}" if restored.imported_from
+                         else f"resuming {config.workdir} from step {restored.start}")
     parallel.check_float32_state(state)  # --dtype bfloat16 is compute only
     loop = _Loop(config=config, devices=devices, files=RunFiles(config.workdir), images=images, data_fp=data_fp,
                  progress=progress, hooks=hooks,
                  manager=ckpt.make_manager(config.workdir, keep=config.keep_checkpoints),
                  iterator=BatchIterator(images, config.optim.batch_size, config.seed, restored.position),
-                 step_fn=make_step_fn(devices.mesh), sample_grid=_sample_grid_fn(config, keys),
+                 step_fn=make_step_fn(devices.mesh), sample_grid=_sample_grid_fn(config, keys, restored.sampling),
                  state=parallel.shard_state(state, devices.mesh),
                  train_key=parallel.shard_state(restored.train_key, devices.mesh), step=restored.start,
-                 last_good=restored.start if restored.state is not None else None, history=history)
+                 last_good=restored.start if restored.state is not None else None, history=history,
+                 sampling=restored.sampling)
     loop.restart_timer()
     return loop
 
@@ -184,7 +205,7 @@ def _save(loop: _Loop) -> None:
     """Checkpoint ``loop.step``; called by every process (orbax coordinates a multi-process save)."""
     meta = {"identity": identity(loop.config), "data_fingerprint": loop.data_fp,
             "data_position": list(loop.iterator.position), "num_images": int(loop.images.shape[0]),
-            "parallel": loop.devices.sizes}
+            "parallel": loop.devices.sizes, "sampling": dict(loop.sampling)}
     ckpt.save(loop.manager, loop.step, ckpt.state_to_tree(loop.state, loop.train_key), meta)
     loop.last_good = loop.step
 
@@ -319,7 +340,7 @@ def _already_trained(config: TrainConfig, devices: Devices, restored: _Restored,
                      progress: Progress) -> int:
     files = RunFiles(config.workdir)
     if devices.primary and not os.path.exists(files.samples):  # killed between the last checkpoint and the grid
-        save_grid(files.samples, _sample_grid_fn(config, keys)(restored.state))
+        save_grid(files.samples, _sample_grid_fn(config, keys, restored.sampling)(restored.state))
     progress.message(f"{config.workdir}: already at step {restored.start} (--steps {config.steps}); nothing to train")
     return EXIT_OK
 

@@ -22,7 +22,13 @@ from .. import checkpoint as ckpt
 from .. import parallel
 from ..images import atomic_write
 from ..training import TrainState
-from .config import ConfigError, TrainConfig, identity, identity_mismatch, train_config_from_identity
+from .config import (SAMPLING_DEFAULTS, VARIANCES, ConfigError, TrainConfig, identity, identity_mismatch,
+                     train_config_from_identity)
+
+# Starting ``train`` on an imported folder's checkpoint 0 fine-tunes it: the model and the
+# diffusion must be the import's, except these (they do not change the imported weights' meaning).
+FINE_TUNE_FREE = ("model.dtype",)  # the compute dtype
+FINE_TUNE_FREE_ARCH_FIELDS = ("dropout",)  # diffusers' configs record 0 (google/ddpm-cifar10-32 trained with 0.1)
 from .factories import abstract_state, build_schedule
 
 
@@ -82,16 +88,43 @@ def trim_metrics(path: str, last_step: int) -> list[dict]:
     return rows
 
 
+def is_import_start(meta: dict, step: int) -> bool:
+    """Whether checkpoint ``step`` (metadata ``meta``) is an imported folder's checkpoint 0."""
+    return step == 0 and bool(meta.get("imported_from"))
+
+
+def sampling_settings(meta: dict) -> dict:
+    """The run's sampling defaults: the checkpoint's ``sampling`` over ``SAMPLING_DEFAULTS``.
+
+    Raises:
+      CheckpointError: a stored value that is not one of the choices.
+    """
+    s = dict(SAMPLING_DEFAULTS, **(meta.get("sampling") or {}))
+    if s["variance"] not in VARIANCES or not isinstance(s["clip_denoised"], bool):
+        raise ckpt.CheckpointError(f"checkpoint metadata: unreadable sampling settings {meta.get('sampling')!r}")
+    return {k: s[k] for k in SAMPLING_DEFAULTS}
+
+
 def check_resume(config: TrainConfig, manager, step: int, data_fp: str) -> dict:
     """Reads checkpoint ``step``'s metadata and refuses a run with another identity or data.
 
     An identity saved before a field existed compares that field at its default
-    (``config.identity_mismatch``). Returns the metadata.
+    (``config.identity_mismatch``). An imported folder's checkpoint 0 (:func:`is_import_start`)
+    is a starting point for fine-tuning: only the model (but ``FINE_TUNE_FREE``) and the
+    diffusion must be the import's; data, optimizer and seed are this run's. Returns the metadata.
 
     Raises:
       ConfigError: other settings or other images; CheckpointError: unreadable metadata.
     """
     meta = ckpt.restore_meta(manager, step)
+    if is_import_start(meta, step):
+        diff = identity_mismatch(meta.get("identity", {}), identity(config), parts=("model", "diffusion"),
+                                 ignore=FINE_TUNE_FREE, ignore_arch_fields=FINE_TUNE_FREE_ARCH_FIELDS)
+        if diff:
+            raise ConfigError(f"--workdir {config.workdir} holds weights imported from {meta['imported_from']} with "
+                              f"other model or diffusion settings ({diff}); fine-tune with the import's settings "
+                              "(convert printed them) or use a new --workdir")
+        return meta
     diff = identity_mismatch(meta.get("identity", {}), identity(config))
     if diff:
         raise ConfigError(f"--workdir {config.workdir} holds a run with other settings ({diff}); "
@@ -114,6 +147,11 @@ class LoadedRun:
     step: int
     state: TrainState
     meta: dict
+
+    @property
+    def sampling(self) -> dict:
+        """The run's sampling defaults (:func:`sampling_settings`)."""
+        return sampling_settings(self.meta)
 
 
 def load_run(workdir: str, step: int | None = None) -> LoadedRun:
@@ -151,5 +189,6 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     return LoadedRun(config=config, step=step, state=state, meta=meta)
 
 
-__all__ = ["LoadedRun", "RunFiles", "append_metrics", "check_resume", "holds_run", "load_run", "read_metrics",
-           "trim_metrics", "write_json"]
+__all__ = ["FINE_TUNE_FREE", "FINE_TUNE_FREE_ARCH_FIELDS", "LoadedRun", "RunFiles", "append_metrics", "check_resume",
+           "holds_run", "is_import_start", "load_run", "read_metrics", "sampling_settings", "trim_metrics",
+           "write_json"]

@@ -689,14 +689,27 @@ def default_config(channels: int = 1) -> UNet2DConfig:
                         attention_head_dim=16, norm_num_groups=8)
 
 
-def config_from_fields(channels: int) -> UNet2DConfig:
-    """No ``ModelConfig`` fields yet: the digits-sized :func:`default_config` for ``channels``."""
-    return default_config(channels)
+def config_from_fields(channels: int, arch_config: str = "") -> UNet2DConfig:
+    """The config of ``ModelConfig.arch_config``: the config as one JSON object (the format of
+    :func:`to_metadata`'s ``unet2d_config``), or ``""`` (work folders written before the field)
+    for the digits-sized :func:`default_config`. Its ``in_channels`` and ``out_channels`` must
+    be ``channels``.
+
+    Raises:
+      ValueError: not a JSON object; ArchConfigError: a refused value or other channels.
+    """
+    if not arch_config:
+        return default_config(channels)
+    config = from_metadata({METADATA_KEY: arch_config})
+    for name in ("in_channels", "out_channels"):
+        if getattr(config, name) != channels:
+            raise ArchConfigError(name, f"must equal the image channels ({channels}), got {getattr(config, name)}")
+    return config
 
 
 ARCH = Architecture(
     name="unet2d", config_cls=UNet2DConfig, build=build, weight_table=weight_table, has_batch_stats=False,
-    size_multiple=size_multiple, config_from_fields=config_from_fields, fields=(),
+    size_multiple=size_multiple, config_from_fields=config_from_fields, fields=("arch_config",),
     to_metadata=to_metadata, from_metadata=from_metadata,
     description="diffusers' UNet2DModel (GroupNorm, attention; Ho et al.'s DDPM U-Net)")
 
