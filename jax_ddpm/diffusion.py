@@ -1,11 +1,13 @@
 """Forward process, loss and posterior: small pure functions of a ``DiffusionSchedule``.
 
-All images are NHWC. ``t`` is an int array of shape [B].
+All images are NHWC. ``t`` is an int array of shape [B]. What the network predicts (eps, x0
+or v) is :mod:`jax_ddpm.parameterization`'s; the functions here take eps unless they say so.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .parameterization import check_prediction, predict_x0, training_target
 from .schedules import DiffusionSchedule
 
 VARIANCES = ("beta", "beta_tilde")
@@ -26,6 +28,16 @@ def eps_mse_loss(eps_pred: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - eps.astype(jnp.float32)))
 
 
+def prediction_loss(model_out: jnp.ndarray, schedule: DiffusionSchedule, x0: jnp.ndarray, t: jnp.ndarray,
+                    noise: jnp.ndarray, prediction: str = "eps") -> jnp.ndarray:
+    """MSE (:func:`eps_mse_loss`) of the model output against the target of ``prediction``
+    for ``x_t = q_sample(schedule, x0, t, noise)``: the noise, x0, or ``v = sqrt(abar_t) noise -
+    sqrt(1 - abar_t) x0`` (:func:`jax_ddpm.parameterization.training_target`). ``'eps'`` is
+    ``eps_mse_loss(model_out, noise)``, the same program as before prediction types existed."""
+    check_prediction(prediction)
+    return eps_mse_loss(model_out, training_target(schedule, x0, t, noise, prediction))
+
+
 def predict_x0_from_eps(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
     """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), as sqrt(1/abar) x_t - sqrt(1/abar - 1) eps."""
     return _at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
@@ -35,6 +47,32 @@ def posterior_mean_variance(schedule: DiffusionSchedule, x0: jnp.ndarray, x_t: j
     """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7)."""
     mean = _at(schedule.posterior_mean_coef1, t, x_t) * x0 + _at(schedule.posterior_mean_coef2, t, x_t) * x_t
     return mean, _at(schedule.posterior_variance, t, x_t)
+
+
+def _variance(schedule: DiffusionSchedule, t: jnp.ndarray, x_t: jnp.ndarray, variance: str) -> jnp.ndarray:
+    if variance == "beta":
+        return _at(schedule.betas, t, x_t)
+    if variance == "beta_tilde":
+        return _at(schedule.posterior_variance, t, x_t)
+    raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+
+
+def p_mean_variance_pred(schedule: DiffusionSchedule, out: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray,
+                         variance: str = "beta_tilde", clip_denoised: bool = False, prediction: str = "eps"):
+    """:func:`p_mean_variance` from a model output of any ``prediction`` type.
+
+    ``'eps'`` is :func:`p_mean_variance` itself. For ``'x0'`` and ``'v'`` the mean is the
+    posterior mean (Ho et al. 2020, eq. 7) of the predicted x_0 (clipped to [-1, 1] with
+    ``clip_denoised``), never converted through eps.
+    """
+    if check_prediction(prediction) == "eps":
+        return p_mean_variance(schedule, out, x_t, t, variance, clip_denoised)
+    var = _variance(schedule, t, x_t, variance)
+    x0 = predict_x0(schedule, x_t, t, out, prediction)
+    if clip_denoised:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+    mean, _ = posterior_mean_variance(schedule, x0, x_t, t)
+    return mean, var
 
 
 def p_mean_variance(schedule: DiffusionSchedule, eps: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray,

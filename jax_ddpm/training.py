@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .diffusion import eps_mse_loss, q_sample
+from .diffusion import eps_mse_loss, prediction_loss, q_sample
+from .parameterization import check_prediction
 from .schedules import DiffusionSchedule
 
 
@@ -28,6 +29,7 @@ class TrainState(flax.struct.PyTreeNode):
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+    prediction: str = flax.struct.field(pytree_node=False, default="eps")  # what the model regresses: eps, x0, v
 
     @property
     def variables(self):
@@ -50,16 +52,21 @@ def make_optimizer(lr: float = 1e-3, grad_clip: float | None = None) -> optax.Gr
 
 
 def create_train_state(model, key: jax.Array, image_shape: tuple[int, int, int], schedule: DiffusionSchedule,
-                       tx: optax.GradientTransformation, ema_decay: float = 0.0) -> TrainState:
-    """Initialises the model (torch's default init) for images of ``image_shape`` = (H, W, C)."""
+                       tx: optax.GradientTransformation, ema_decay: float = 0.0, *,
+                       prediction: str = "eps") -> TrainState:
+    """Initialises the model (torch's default init) for images of ``image_shape`` = (H, W, C).
+
+    ``prediction``: what the model learns to output (``eps``, ``x0`` or ``v``; see
+    :mod:`jax_ddpm.parameterization`)."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     # jitted: eager init of the U-Net dispatches hundreds of small ops
     variables = jax.jit(model.init, static_argnames="train")(key, x, jnp.zeros((1,), jnp.int32), train=True)
-    return train_state_from_variables(variables, model.apply, tx, schedule, ema_decay)
+    return train_state_from_variables(variables, model.apply, tx, schedule, ema_decay, prediction=prediction)
 
 
 def train_state_from_variables(variables, apply_fn: Callable, tx: optax.GradientTransformation,
-                               schedule: DiffusionSchedule, ema_decay: float = 0.0, step: int = 0) -> TrainState:
+                               schedule: DiffusionSchedule, ema_decay: float = 0.0, step: int = 0, *,
+                               prediction: str = "eps") -> TrainState:
     """The one place a ``TrainState`` is assembled: ``variables`` (``{'params'[, 'batch_stats']}``)
     with a fresh optimizer state (``tx.init``) and EMA equal to the parameters.
 
@@ -70,11 +77,14 @@ def train_state_from_variables(variables, apply_fn: Callable, tx: optax.Gradient
     return TrainState(step=jnp.asarray(step, jnp.int32), params=params, batch_stats=variables.get("batch_stats"),
                       opt_state=tx.init(params), schedule=jax.tree_util.tree_map(jnp.copy, schedule),
                       ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay else None,
-                      apply_fn=apply_fn, tx=tx, ema_decay=ema_decay)
+                      apply_fn=apply_fn, tx=tx, ema_decay=ema_decay, prediction=check_prediction(prediction))
 
 
-def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, noise, dropout_key=None):
-    """Epsilon-MSE on ``x_t = q_sample(x0, t, noise)``; returns (loss, new batch_stats).
+def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, noise, dropout_key=None,
+            prediction: str = "eps"):
+    """MSE of the model's output against the ``prediction`` target (eps: the noise; x0; v) on
+    ``x_t = q_sample(x0, t, noise)`` (:func:`jax_ddpm.diffusion.prediction_loss`); returns
+    (loss, new batch_stats). ``'eps'`` is the epsilon-MSE this function always computed.
 
     ``batch_stats`` None: a model without BatchNorm statistics (returned as None).
     ``dropout_key``: the key of the model's dropout layers (``rngs={'dropout': key}``); a
@@ -83,10 +93,18 @@ def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, n
     x_t = q_sample(schedule, x0, t, noise)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     if batch_stats is None:
-        return eps_mse_loss(apply_fn({"params": params}, x_t, t, train=True, rngs=rngs), noise), None
-    eps, mutated = apply_fn({"params": params, "batch_stats": batch_stats}, x_t, t, train=True,
+        out = apply_fn({"params": params}, x_t, t, train=True, rngs=rngs)
+        return _loss(out, schedule, x0, t, noise, prediction), None
+    out, mutated = apply_fn({"params": params, "batch_stats": batch_stats}, x_t, t, train=True,
                             mutable=["batch_stats"], rngs=rngs)
-    return eps_mse_loss(eps, noise), mutated["batch_stats"]
+    return _loss(out, schedule, x0, t, noise, prediction), mutated["batch_stats"]
+
+
+def _loss(out, schedule, x0, t, noise, prediction):
+    """eps: ``eps_mse_loss(out, noise)`` exactly as before; x0 and v: ``prediction_loss``."""
+    if prediction == "eps":
+        return eps_mse_loss(out, noise)
+    return prediction_loss(out, schedule, x0, t, noise, prediction)
 
 
 def apply_gradients(state: TrainState, grads, batch_stats) -> TrainState:
@@ -114,7 +132,7 @@ def train_step_with_noise(state: TrainState, x0: jnp.ndarray, t: jnp.ndarray, no
     """One Adam step on given timesteps and noise (and dropout key). Returns (state, metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, state.schedule, x0, t, noise,
-                                         dropout_key)
+                                         dropout_key, state.prediction)
     metrics = {"loss": loss, "grad_norm": _global_norm(grads)}
     return apply_gradients(state, grads, batch_stats), metrics
 

@@ -20,10 +20,13 @@ from jax_ddpm import schedules
 from .checks.closed_forms import check_embedding, check_posterior_step, check_q_sample, check_schedule
 from .checks.convert import check_round_trip
 from .checks.forward import check_bn_stats, check_forward
+from .checks.samplers import check_sampler_chain
 from .checks.sampling import check_chain, check_sampler_step
 from .checks.training import check_adam_same_grads, check_grads, check_loss, check_train_steps
 from .core import Case, Measure
 from .inputs import CHAPTER, SAMPLER_NET, Net, UNet2DNet
+from .references import SAMPLER_CHAIN
+from .references.oracle_samplers import ChainSpec
 
 
 def _case(group: str, component: str, fn: Callable[..., Measure], metric: str, key: str | None = None,
@@ -214,7 +217,124 @@ def _diffusers() -> list[Case]:
     return cases
 
 
-CASES: list[Case] = _closed_forms() + _network() + _training() + _sampling() + _weights() + _diffusers()
+# ----------------------------------------------------------------------------- the samplers (analytic denoiser)
+
+
+def _spec(sampler: str, kind: str, T: int, n: int | None, prediction: str = "eps", dtype: str = "float32",
+          **options) -> ChainSpec:
+    return ChainSpec(sampler, kind, T, n, prediction, tuple(options.items()), dtype=dtype)
+
+
+def chain_key(spec: ChainSpec) -> str:
+    """The tolerance component of a chain: the sampler's, or ``chain_cosine_eps`` for an eps model on
+    the cosine schedule whose grid starts at T - 1 (the float32 floor: see tolerances.py)."""
+    top = max(_oracle_grid(spec)) == spec.timesteps - 1
+    if spec.sampler != "chapter" and spec.kind == "cosine" and spec.prediction == "eps" and top:
+        return "chain_cosine_eps"
+    return SAMPLER_CHAIN[spec.sampler]
+
+
+def _oracle_grid(spec: ChainSpec) -> list[int]:
+    from .references.oracle_samplers import grid
+
+    o = spec.opts
+    return grid(spec.sampler, spec.timesteps, spec.num_steps, o.get("timestep_spacing"), o.get("steps_offset", 0))
+
+
+def diffusers_agrees(spec: ChainSpec) -> bool:
+    """Whether diffusers' scheduler implements the same chain (else there is no diffusers row).
+
+    Not: DDIM with linspace, or trailing with n not dividing T (its prev_t = t - T // n is not the
+    next grid point: the paper-vs-diffusers difference, tests/test_samplers.py); DDPM with
+    variance beta on a grid whose lowest point is above 0 (DDPMScheduler adds noise at every
+    t > 0, so at its last step too); a trailing grid where diffusers' ``arange`` makes n + 1
+    points (jax_ddpm.samplers.grids._trailing); dtype float64 (diffusers' schedulers step in
+    float32); the chapter's loop (not in diffusers); the T-step DDPM chain (step()'s float32 beta at
+    small t: the unet2d chain rows above compare it, at their tolerance).
+    """
+    import numpy as np
+
+    o, T, n = spec.opts, spec.timesteps, spec.n
+    spacing = o.get("timestep_spacing", "linspace" if spec.sampler == "dpmpp_2m" else "leading")
+    if spec.dtype != "float32" or spec.sampler == "chapter":
+        return False
+    if spacing == "trailing" and len(np.arange(T, 0, -T / n)) != n:
+        return False
+    if spec.sampler == "ddim" and (spacing == "linspace" or (spacing == "trailing" and T % n)):
+        return False
+    if spec.sampler == "ddpm" and o.get("variance") == "beta" and min(_oracle_grid(spec)) > 0:
+        return False
+    return not (spec.sampler == "ddpm" and spec.num_steps is None)  # the T-step chain: the unet2d chain rows
+
+
+# the default rows (cheap: ~0.4 s each, one compiled program per spec shared by its oracle and
+# diffusers rows): each sampler, prediction type, schedule, spacing and most options once, T = 100,
+# num_steps not dividing T, eta 0 / 0.5 / 1; the rest of the grid is full_chains() (slow)
+DEFAULT_CHAINS = [
+    _spec("ddpm", "linear", 100, 13),
+    _spec("ddpm", "cosine", 100, 13, "v", variance="beta", clip_denoised=True),
+    _spec("ddim", "linear", 100, 13, timestep_spacing="linspace"),
+    _spec("ddim", "cosine", 100, 20, eta=1.0, timestep_spacing="trailing"),
+    _spec("ddim", "linear", 100, 10, "v", eta=0.5, steps_offset=1, clip_denoised=True),
+    _spec("dpmpp_2m", "linear", 100, 13),
+    _spec("dpmpp_2m", "cosine", 100, 10, "x0", timestep_spacing="trailing", final_sigmas_type="sigma_min",
+          lower_order_final=False),
+]
+DEFAULT_F64_CHAINS = [
+    _spec("ddim", "cosine", 100, 13, "eps", "float64", eta=1.0, timestep_spacing="linspace"),
+    _spec("dpmpp_2m", "cosine", 100, 13, "v", "float64", timestep_spacing="leading"),
+]
+
+
+def full_chains() -> list[ChainSpec]:
+    """The slow grid: every option set of each sampler x each prediction x both schedules, with (T, n)
+    cycling through T = 100 and 1000 and n dividing T or not; every cell also in float64 once."""
+    option_sets = {
+        "ddpm": [{}, {"variance": "beta"}, {"clip_denoised": True}, {"variance": "beta", "clip_denoised": True},
+                 {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"}, {"steps_offset": 1},
+                 {"timestep_spacing": "linspace", "variance": "beta", "clip_denoised": True}],
+        "ddim": [{"eta": e, "timestep_spacing": sp} for e in (0.0, 0.5, 1.0)
+                 for sp in ("leading", "trailing", "linspace")]
+        + [{"clip_denoised": True}, {"eta": 1.0, "clip_denoised": True, "timestep_spacing": "trailing"},
+           {"eta": 0.3, "steps_offset": 1}],
+        "dpmpp_2m": [{"timestep_spacing": sp, "final_sigmas_type": f} for sp in ("linspace", "leading", "trailing")
+                     for f in ("zero", "sigma_min")]
+        + [{"final_sigmas_type": "sigma_min", "lower_order_final": False},
+           {"final_sigmas_type": "sigma_min", "lower_order_final": False, "timestep_spacing": "trailing"}],
+    }
+    sizes = [(100, 7), (100, 20), (1000, 50), (100, 13), (1000, 13), (100, 50), (1000, 20), (100, 10), (1000, 50)]
+    specs, k = [], 0
+    for sampler, sets in option_sets.items():
+        for opts in sets:
+            for prediction in ("eps", "x0", "v"):
+                for kind in ("linear", "cosine"):
+                    T, n = sizes[k % len(sizes)]
+                    k += 1
+                    specs.append(_spec(sampler, kind, T, n, prediction, **opts))
+    for prediction in ("eps", "x0", "v"):
+        for kind in ("linear", "cosine"):
+            specs.append(_spec("ddpm", kind, 100, None, prediction))  # the T-step chain
+            specs.append(_spec("chapter", kind, 50, None, prediction))
+    specs += [dataclasses.replace(s, dtype="float64") for s in specs if s.timesteps <= 100]
+    return [s for s in specs if s not in DEFAULT_CHAINS and s not in DEFAULT_F64_CHAINS]
+
+
+def _chain_case(spec: ChainSpec, ref: str, slow: bool) -> Case:
+    return _case("samplers", f"chain {spec.label} vs {ref}", check_sampler_chain, "abs", chain_key(spec), ref=ref,
+                 slow=slow, dtype=spec.dtype, spec=spec)
+
+
+def _samplers() -> list[Case]:
+    cases: list[Case] = []
+    for specs, slow in ((DEFAULT_CHAINS + DEFAULT_F64_CHAINS, False), (full_chains(), True)):
+        for spec in specs:
+            cases.append(_chain_case(spec, "oracle", slow))
+            if diffusers_agrees(spec):
+                cases.append(_chain_case(spec, "diffusers", slow))
+    return cases
+
+
+CASES: list[Case] = _closed_forms() + _network() + _training() + _sampling() + _weights() + _diffusers() + _samplers()
 GROUPS = tuple(dict.fromkeys(c.group for c in CASES))
 
 
@@ -253,4 +373,5 @@ def pytest_params(*groups: str) -> list:
     return params
 
 
-__all__ = ["CASES", "CIFAR_LIKE", "GROUPS", "HEADS", "ODD_GROUPS", "UNET2D_NETS", "cases", "find_case", "pytest_params"]
+__all__ = ["CASES", "CIFAR_LIKE", "DEFAULT_CHAINS", "DEFAULT_F64_CHAINS", "GROUPS", "HEADS", "ODD_GROUPS",
+           "UNET2D_NETS", "cases", "chain_key", "diffusers_agrees", "find_case", "full_chains", "pytest_params"]

@@ -111,7 +111,7 @@ def test_wrong_noise_shape_raises():
 
 def test_unknown_sampler_raises():
     with pytest.raises(ValueError, match="sampler must be one of"):
-        sampling.get_sampler("ddim")
+        sampling.get_sampler("euler")
     with pytest.raises(ValueError, match="sampler must be one of"):
         sampling.make_sample_fn(object(), "euler")
 

@@ -50,7 +50,16 @@ COMPONENTS: dict[str, str] = {
     "chain_x0": "a whole sampling chain: the clamped output",
     "chain_trajectory": "a whole sampling chain: every step's state",
     "round_trip": "weights reference -> flax -> reference, bit-exact and loadable",
+    # the samplers driven by the analytic denoiser (references/oracle_samplers.py)
+    "chain_ddpm": "a ddpm chain (all T steps or respaced), analytic denoiser: trajectory and clamped x_0",
+    "chain_ddim": "a ddim chain, analytic denoiser: trajectory and clamped x_0",
+    "chain_dpmpp_2m": "a DPM-Solver++(2M) chain, analytic denoiser: trajectory and clamped x_0",
+    "chain_chapter": "the chapter's printed loop, analytic denoiser: trajectory and clamped x_0",
+    "chain_cosine_eps": "an eps model's chain on the cosine schedule from t = T - 1 (any sampler but chapter)",
 }
+
+#: the component of each sampler's analytic-denoiser chain
+SAMPLER_CHAIN = {"ddpm": "chain_ddpm", "ddim": "chain_ddim", "dpmpp_2m": "chain_dpmpp_2m", "chapter": "chain_chapter"}
 
 
 class Unsupported(NotImplementedError):
@@ -171,6 +180,15 @@ class Reference:
         """
         self._unsupported("chain")
 
+    def sampler_chain(self, ctx: "Context", spec: Any, x_T: np.ndarray,
+                      noise: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """The chain ``spec`` (an ``oracle_samplers.ChainSpec``) driven by the analytic denoiser, from
+        x_T [B, H, W, C] and noise [n, B, H, W, C] (row i: the grid's i-th timestep, ascending).
+
+        Returns (the clamped x_0, ``{t: the state fed to the model at t}``).
+        """
+        self._unsupported(SAMPLER_CHAIN.get(getattr(spec, "sampler", ""), "sampler chains"))
+
 
 from .diffusers import DiffusersReference  # noqa: E402  (the adapters subclass Reference)
 from .oracle import OracleReference  # noqa: E402
@@ -188,4 +206,4 @@ def get_reference(name: str) -> Reference:
         raise KeyError(f"no reference {name!r}; known: {', '.join(REFERENCES)}") from None
 
 
-__all__ = ["AdamMoments", "COMPONENTS", "REFERENCES", "Reference", "Unsupported", "get_reference"]
+__all__ = ["AdamMoments", "COMPONENTS", "REFERENCES", "Reference", "SAMPLER_CHAIN", "Unsupported", "get_reference"]

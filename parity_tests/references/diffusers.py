@@ -15,6 +15,8 @@ What each component runs (diffusers 0.42.1; torch on ``ctx.torch_device``):
 - Adam: ``torch.optim.Adam(model.parameters(), lr)`` with torch's defaults.
 - schedule: ``DDPMScheduler(T, beta_schedule='linear' | 'squaredcos_cap_v2')``'s ``betas``,
   ``alphas`` and ``alphas_cumprod`` (what the scheduler holds; float32, as diffusers computes).
+- sampler chains on the analytic denoiser (DDPMScheduler, DDIMScheduler,
+  DPMSolverMultistepScheduler): ``diffusers_samplers.py``.
 - chain: ``DDPMPipeline.__call__``'s loop (``set_timesteps(T)``, then for each t
   ``unet(x, t).sample`` and ``scheduler.step``) from the check's x_T, with
   ``variance_type`` fixed_small (beta_tilde) or fixed_large (beta) and ``clip_sample`` =
@@ -30,8 +32,7 @@ from typing import Mapping
 
 import numpy as np
 
-from . import AdamMoments, Reference
-from .torch_ref import to_np, to_torch, torch_adam_moments
+from .torch_ref import TorchModuleReference, to_np, to_torch
 
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # jax_ddpm's name -> DDPMScheduler's
 VARIANCE_TYPES = {"beta_tilde": "fixed_small", "beta": "fixed_large"}
@@ -99,13 +100,14 @@ def _ddpm_step(sched, eps, t, x, z, generator):
     return result
 
 
-class DiffusersReference(Reference):
+class DiffusersReference(TorchModuleReference):
     """diffusers as a reference for the ``unet2d`` architecture and the DDPM scheduler."""
 
     name = "diffusers"
     description = "Hugging Face diffusers (UNet2DModel, DDPMScheduler, torch Adam), float32 and float64"
     components = frozenset({"schedule", "q_sample", "forward", "loss", "grads", "adam_same_grads",
-                            "adam_step_params", "chain_x0", "chain_trajectory", "round_trip"})
+                            "adam_step_params", "chain_x0", "chain_trajectory", "round_trip",
+                            "chain_ddpm", "chain_ddim", "chain_dpmpp_2m", "chain_cosine_eps"})
 
     def unavailable(self) -> str | None:
         missing = [n for n in ("torch", "diffusers") if _find_spec(n) is None]
@@ -180,23 +182,8 @@ class DiffusersReference(Reference):
         loss.backward()
         return float(loss.item()), self._grads(model)
 
-    @staticmethod
-    def _grads(model) -> dict[str, np.ndarray]:
-        return {k: to_np(p.grad) for k, p in model.named_parameters()}
-
     # ------------------------------------------------------------------ training
-
-    def param_names(self, model):
-        return [k for k, _ in model.named_parameters()]
-
-    def optimizer(self, model, name, lr):
-        """'adam': ``torch.optim.Adam(params, lr)`` (torch's defaults); 'sgd': ``torch.optim.SGD``."""
-        torch = _torch()
-        if name == "adam":
-            return torch.optim.Adam(model.parameters(), lr=lr)
-        if name == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=lr)
-        raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
+    # (gradients by name, the optimizer and Adam's moments: TorchModuleReference)
 
     def train_step(self, ctx, model, opt, kind, timesteps, x0, t, noise):
         """zero_grad, the eps-MSE loss on add_noise, backward, step: (loss, this step's gradients)."""
@@ -205,9 +192,6 @@ class DiffusersReference(Reference):
         loss.backward()
         opt.step()
         return float(loss.item()), self._grads(model)
-
-    def adam_moments(self, model, opt) -> AdamMoments:
-        return torch_adam_moments(model, opt)
 
     # ------------------------------------------------------------------ sampling
 
@@ -233,6 +217,16 @@ class DiffusersReference(Reference):
                 eps = model(x, t).sample
                 x = _ddpm_step(sched, eps, t, x, z[int(t)], generator)
         return to_np(x.clamp(-1, 1), nhwc=True), traj
+
+
+    def sampler_chain(self, ctx, spec, x_T, noise):
+        """DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler on the analytic denoiser
+        (``diffusers_samplers.run_chain``); diffusers has no chapter loop."""
+        if spec.sampler == "chapter":
+            self._unsupported("chain_chapter")
+        from .diffusers_samplers import run_chain
+
+        return run_chain(ctx, spec, x_T, noise)
 
 
 __all__ = ["BETA_SCHEDULES", "DiffusersReference", "VARIANCE_TYPES", "scheduler"]

@@ -182,12 +182,14 @@ def batchnorm_eval(x, running_mean, running_var, scale, bias, eps: float = 1e-5)
 class OracleReference(Reference):
     """The closed forms above as a reference: schedules, q_sample, the embedding, the reverse step.
 
-    No U-Net: the network, training and sampling components are torch_ref's alone.
+    No U-Net: the network and training components are torch_ref's alone. Sampling: every
+    sampler's chain driven by the analytic denoiser (``oracle_samplers``).
     """
 
     name = "oracle"
-    description = "float64 NumPy closed forms (parity_tests/references/oracle.py)"
-    components = frozenset({"schedule", "q_sample", "embedding", "embedding_exact", "posterior"})
+    description = "float64 NumPy closed forms (parity_tests/references/oracle.py, oracle_samplers.py)"
+    components = frozenset({"schedule", "q_sample", "embedding", "embedding_exact", "posterior", "chain_ddpm",
+                            "chain_ddim", "chain_dpmpp_2m", "chain_chapter", "chain_cosine_eps"})
 
     def schedule(self, ctx, kind, timesteps):
         return schedule(kind, timesteps)
@@ -201,3 +203,8 @@ class OracleReference(Reference):
 
     def p_mean_variance(self, ctx, kind, timesteps, eps, x_t, t, variance, clip):
         return p_mean_variance(schedule(kind, timesteps), eps, x_t, t, variance, clip)
+
+    def sampler_chain(self, ctx, spec, x_T, noise):
+        from .oracle_samplers import run_chain
+
+        return run_chain(spec, x_T, noise)

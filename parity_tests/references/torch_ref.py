@@ -53,7 +53,33 @@ def torch_adam_moments(model, opt) -> AdamMoments:
     return AdamMoments(count, mu, nu, opt.param_groups[0]["betas"][1])
 
 
-class TorchRefReference(Reference):
+class TorchModuleReference(Reference):
+    """What every reference built on a ``torch.nn.Module`` does the same way: gradients by
+    parameter name, the optimizer, Adam's moments. Subclasses give ``_adam(model, lr)``."""
+
+    @staticmethod
+    def _grads(model) -> dict[str, np.ndarray]:
+        return {k: to_np(p.grad) for k, p in model.named_parameters()}
+
+    def param_names(self, model):
+        return [k for k, _ in model.named_parameters()]
+
+    def _adam(self, model, lr):
+        return _torch().optim.Adam(model.parameters(), lr=lr)
+
+    def optimizer(self, model, name, lr):
+        """'adam': ``self._adam`` (torch.optim.Adam's defaults); 'sgd': ``torch.optim.SGD``."""
+        if name == "adam":
+            return self._adam(model, lr)
+        if name == "sgd":
+            return _torch().optim.SGD(model.parameters(), lr=lr)
+        raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
+
+    def adam_moments(self, model, opt) -> AdamMoments:
+        return torch_adam_moments(model, opt)
+
+
+class TorchRefReference(TorchModuleReference):
     """torch_ref as a reference: every component but the float64-only ones."""
 
     name = "torch"
@@ -120,24 +146,13 @@ class TorchRefReference(Reference):
         loss.backward()
         return float(loss.item()), self._grads(model)
 
-    @staticmethod
-    def _grads(model) -> dict[str, np.ndarray]:
-        return {k: to_np(p.grad) for k, p in model.named_parameters()}
-
     # ------------------------------------------------------------------ training
 
-    def param_names(self, model):
-        return [k for k, _ in model.named_parameters()]
-
-    def optimizer(self, model, name, lr):
-        """'adam': torch_ref.training.make_optimizer (torch.optim.Adam's defaults); 'sgd': torch.optim.SGD."""
+    def _adam(self, model, lr):
+        """torch_ref.training.make_optimizer (torch.optim.Adam's defaults)."""
         from torch_ref.training import make_optimizer
 
-        if name == "adam":
-            return make_optimizer(model, lr)
-        if name == "sgd":
-            return _torch().optim.SGD(model.parameters(), lr=lr)
-        raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
+        return make_optimizer(model, lr)
 
     def train_step(self, ctx, model, opt, kind, timesteps, x0, t, noise):
         """torch_ref.training.train_step (train mode, zero_grad, backward, step)."""
@@ -146,9 +161,6 @@ class TorchRefReference(Reference):
         loss = train_step(model, self.diffusion(ctx, timesteps, kind), opt, to_torch(ctx, x0, True),
                           to_torch(ctx, t), to_torch(ctx, noise, True))
         return float(loss.item()), self._grads(model)  # this step's gradients
-
-    def adam_moments(self, model, opt) -> AdamMoments:
-        return torch_adam_moments(model, opt)
 
     # ------------------------------------------------------------------ sampling
 
@@ -180,4 +192,4 @@ class TorchRefReference(Reference):
         return to_np(x0, nhwc=True), traj
 
 
-__all__ = ["TorchRefReference", "to_np", "to_torch", "torch_adam_moments"]
+__all__ = ["TorchModuleReference", "TorchRefReference", "to_np", "to_torch", "torch_adam_moments"]
