@@ -15,8 +15,15 @@ SHARED_STEPS = 60
 SHARED_EVERY = 10  # checkpoints 40, 50, 60 are kept (--keep-checkpoints 3)
 
 
+def session_root(tmp_path_factory):
+    """The folder every process of this pytest session shares: the base temp folder, or under
+    pytest-xdist (one base temp folder per worker) the folder above the workers' ones."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def cache_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.getbasetemp() / "jax_cache")
+    return str(session_root(tmp_path_factory) / "jax_cache")
 
 
 def cli_env(tmp_path_factory, **extra) -> dict:
@@ -44,9 +51,18 @@ def runner_cmd(cmd: list[str], nan_at_step: int | None = None, step_delay: float
 
 
 def shared_run(tmp_path_factory):
-    """The session's one uninterrupted tiny run (trained on first use, then reused read-only)."""
-    workdir = tmp_path_factory.getbasetemp() / "shared_tiny_run"
-    if not (workdir / "samples.png").exists():
-        done = subprocess.run(train_cmd(workdir), env=cli_env(tmp_path_factory), capture_output=True, timeout=600)
-        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    """The session's one uninterrupted tiny run (trained on first use, then reused read-only).
+
+    Shared by all xdist workers: the first to ask trains it while holding a lock; the others
+    wait for the lock and find it finished (``samples.png`` is written last)."""
+    import fcntl
+
+    root = session_root(tmp_path_factory)
+    workdir = root / "shared_tiny_run"
+    with open(root / "shared_tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "samples.png").exists():
+            done = subprocess.run(train_cmd(workdir), env=cli_env(tmp_path_factory), capture_output=True,
+                                  timeout=600)
+            assert done.returncode == 0, done.stderr.decode()[-2000:]
     return workdir
