@@ -356,3 +356,61 @@ def test_the_reimported_export_fine_tunes(exported, tmp_path, tmp_path_factory, 
     assert 0 < max(moved) <= 1.001e-3  # one Adam step from the imported weights moves each by at most lr
     meta = json.load(open(os.path.join(ckpt.checkpoint_dir(str(workdir)), "1", "meta", "metadata")))
     assert meta["identity"]["seed"] == 3 and meta["sampling"] == {"variance": "beta_tilde", "clip_denoised": True}
+
+
+@pytest.mark.slow
+def test_a_fine_tune_killed_after_its_first_checkpoint_resumes_bit_identical(exported, tmp_path, tmp_path_factory,
+                                                                             capsys):
+    """Two imports of the same export: one fine-tuned 3 steps straight, one SIGKILLed once its
+    first fine-tuning checkpoint (step 1, after the imported step 0) is complete, then resumed.
+    Params, EMA, Adam moments and the loss of step 3 must be the same bits (dropout 0.1: its
+    keys resume too)."""
+    env = cli_env(tmp_path_factory)
+    cmds = {}
+    for name in ("whole", "killed"):
+        workdir = tmp_path / name
+        assert main(["convert", "--from-diffusers", str(exported), "--workdir", str(workdir)]) == 0
+        options = capsys.readouterr().out.splitlines()[-1].split(" train ", 1)[1].split(" --data ")[0].split()
+        cmds[name] = [sys.executable, "-m", "jax_ddpm.cli", "train", *options, "--steps", str(STEPS),
+                      "--checkpoint-every", "1", "--batch-size", "16", "--ema-decay", "0.9", "--num-samples", "4",
+                      "--quiet", "--xla-flags", "none"]
+    assert json.loads(json.load(open(tmp_path / "whole" / "config.json"))["model"]["arch_config"])["dropout"] == 0.1
+    _train(cmds["whole"], env)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(runner_cmd(cmds["killed"], step_delay=0.5), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    seen = _kill_when(proc, killed, 2, 0.0)  # steps 0 (the import) and 1
+    assert proc.returncode == -signal.SIGKILL and STEPS not in seen
+    _train(cmds["killed"], env)
+    _assert_same_final_state(killed, tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_a_fine_tune_in_two_processes_matches_one_device(exported, tmp_path, tmp_path_factory, capsys):
+    """An imported folder fine-tuned by two processes (``--distributed``, 2 CPU devices each:
+    the global batch of 16 split over 4 devices) against the same fine-tune on one device."""
+    from test_cli_parallel import _free_port
+
+    cmds = {}
+    for name in ("one", "two"):
+        workdir = tmp_path / name
+        assert main(["convert", "--from-diffusers", str(exported), "--workdir", str(workdir)]) == 0
+        options = capsys.readouterr().out.splitlines()[-1].split(" train ", 1)[1].split(" --data ")[0].split()
+        cmds[name] = [sys.executable, "-m", "jax_ddpm.cli", "train", *options, "--steps", str(STEPS),
+                      "--checkpoint-every", str(STEPS), "--batch-size", "16", "--ema-decay", "0.9",
+                      "--num-samples", "4", "--log-every", "1", "--quiet", "--xla-flags", "none"]
+    env = cli_env(tmp_path_factory)
+    _train(cmds["one"], env)
+    port, flags = _free_port(), (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen(cmds["two"] + ["--distributed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "XLA_FLAGS": flags.strip(), "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    results = [(p.wait(timeout=900), p.communicate()[1].decode()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    parallel = json.load(open(tmp_path / "two" / "config.json"))["parallel"]
+    assert (parallel["num_devices"], parallel["num_processes"]) == (4, 2)
+    assert ckpt.complete_steps(str(tmp_path / "two")) == [0, STEPS]
+    got, want = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    rel = {s: abs(got[s]["loss"] - want[s]["loss"]) / want[s]["loss"] for s in want}
+    print("two processes vs one device, relative loss difference per step:", {s: f"{r:.1e}" for s, r in rel.items()})
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1)) and max(rel.values()) < 1e-5
