@@ -81,8 +81,50 @@ def to_torch_state_dict(variables: Mapping[str, Any], table: list[WeightRow] | N
     return {name: _to_torch(np.asarray(_get(variables, path)), layout) for name, path, layout in table}
 
 
+RUNNING_VAR_SUFFIX = ".running_var"  # BatchNorm running variances: must be >= 0
+
+
+def bad_value(name: str, value: np.ndarray) -> str | None:
+    """Why tensor ``name`` (a torch name) cannot be a trained model's, or None: NaN/inf entries,
+    or a negative BatchNorm running variance."""
+    a = np.asarray(value)
+    if a.dtype.kind not in "fc" and str(a.dtype) != "bfloat16":
+        return None
+    a = a.astype(np.float32) if str(a.dtype) == "bfloat16" else a
+    finite = np.isfinite(a)
+    if not finite.all():
+        kinds = sorted({"NaN" if np.isnan(v) else "inf" for v in a[~finite].ravel()[:1000]})
+        return f"tensor {name} holds {' and '.join(kinds)} ({int((~finite).sum())} of {a.size} entries)"
+    if name.endswith(RUNNING_VAR_SUFFIX) and a.size and a.min() < 0:
+        return f"tensor {name} (a BatchNorm running variance) has negative entries (min {float(a.min()):g})"
+    return None
+
+
+def check_values(state_dict: Mapping[str, np.ndarray]) -> None:
+    """Raises ValueError naming the first tensor (by its torch name) with NaN/inf entries or a
+    negative running variance (:func:`bad_value`)."""
+    for name in sorted(state_dict):
+        why = bad_value(name, state_dict[name])
+        if why:
+            raise ValueError(why)
+
+
+def first_bad_value(variables: Mapping[str, Any], table: list[WeightRow] | None = None) -> str | None:
+    """:func:`bad_value` for Flax variables, naming the tensor by its torch name (``table``)."""
+    table = weight_table() if table is None else table
+    for name, path, _ in table:
+        try:
+            value = _get(variables, path)
+        except (KeyError, TypeError):
+            continue
+        why = bad_value(name, np.asarray(value))
+        if why:
+            return why
+    return None
+
+
 def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], like: Mapping[str, Any] | None = None,
-                          table: list[WeightRow] | None = None) -> dict:
+                          table: list[WeightRow] | None = None, check: bool = True) -> dict:
     """``{torch_name: np.ndarray}`` -> Flax ``{'params'[, 'batch_stats']}`` (NumPy leaves).
 
     Args:
@@ -90,8 +132,9 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], like: Mapping[st
       like: optional variables of the target model; every converted array's shape and
         dtype kind must match it.
       table: the architecture's weight table (default: the chapter's U-Net).
+      check: refuse NaN/inf tensors and negative running variances (:func:`check_values`).
     Raises:
-      ValueError: naming the missing, unexpected or misshaped tensors.
+      ValueError: naming (by torch name) the missing, unexpected, misshaped or non-finite tensors.
     """
     table = weight_table() if table is None else table
     names = {name for name, _, _ in table}
@@ -104,6 +147,8 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], like: Mapping[st
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
         raise ValueError("; ".join(parts))
+    if check:
+        check_values({name: state_dict[name] for name in names})
     out: dict = {}
     for name, path, layout in table:
         arr = np.asarray(state_dict[name])

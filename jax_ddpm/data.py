@@ -1,11 +1,19 @@
 """Image data sets -> deterministic NumPy batch iterators (NHWC float32 in [-1, 1]).
 
+:func:`load_image_set` keeps a set compact in memory (:class:`ImageSet`: uint8 pixels, or the
+digits' 8x8 source) and decodes each batch to float32 when it is drawn, bit for bit what the
+float32 arrays of :func:`load_images` hold; it refuses, in one line, a set whose uint8 pixels
+would not fit in the memory available (:func:`available_memory`).
+
 Sources:
 
 * ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, shipped in the
   wheel, no download), resized with Pillow's bilinear filter.
-* a folder of PNG/JPEG images (Pillow): each is converted to gray (``L``) or ``RGB``,
-  its shorter side resized to ``image_size`` (Lanczos), then center-cropped.
+* a folder of PNG/JPEG images (Pillow): the files named ``*.png``, ``*.jpg``, ``*.jpeg``
+  (any case) directly in the folder, sorted by name; subfolders and other files (webp, bmp,
+  gif, tif, ...) are ignored. Each is EXIF-rotated, converted to gray (``L``) or ``RGB``
+  (an alpha channel is dropped, palettes expanded), its shorter side resized to
+  ``image_size`` (Lanczos), then center-cropped; 16-bit and float images are refused.
 * an ``.npz``/``.npy`` file of uint8 images, ``[N, H, W, C]``, ``[N, C, H, W]`` or
   ``[N, H, W]``; loaded with ``allow_pickle=False``. ``layout='auto'`` infers the channel
   axis only when exactly one of axis 1 and axis 3 has 1 or 3 entries.
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -30,6 +38,8 @@ LAYOUTS = ("auto", "nhwc", "nchw")  # axis order of an .npz/.npy file
 CHANNELS = (1, 3)  # images are converted to grayscale or RGB
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK"  # the first bytes of an .npy file and of an .npz (zip) file
+DECODE_CHUNK_BYTES = 64 << 20  # decoded float32 images per pass when hashing a whole set
 
 
 class DataError(ValueError):
@@ -49,18 +59,29 @@ def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
     return (images_uint8.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
 
 
-def digits_images(image_size: int, channels: int = 1) -> np.ndarray:
-    """scikit-learn's digits as float32 [1797, S, S, channels] in [-1, 1]."""
-    from PIL import Image
+def digits_source() -> np.ndarray:
+    """scikit-learn's digits as float32 [1797, 8, 8] in [0, 1] (what :func:`digits_images` resizes)."""
     from sklearn.datasets import load_digits
 
-    raw = load_digits().images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
+    return load_digits().images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
+
+
+def decode_digits(raw: np.ndarray, image_size: int, channels: int = 1) -> np.ndarray:
+    """[n, 8, 8] digits in [0, 1] (rows of :func:`digits_source`) -> float32 [n, S, S, channels]
+    in [-1, 1]; image by image, so any subset gives the rows of the whole set bit for bit."""
+    from PIL import Image
+
     if image_size != raw.shape[1]:
         raw = np.stack([np.asarray(Image.fromarray(im, mode="F").resize((image_size, image_size),
                                                                          Image.Resampling.BILINEAR))
                         for im in raw])  # [N, S, S]
     x = np.clip(raw, 0.0, 1.0) * 2.0 - 1.0
     return np.repeat(x[..., None], channels, axis=-1).astype(np.float32)  # [N, S, S, C]
+
+
+def digits_images(image_size: int, channels: int = 1) -> np.ndarray:
+    """scikit-learn's digits as float32 [1797, S, S, channels] in [-1, 1]."""
+    return decode_digits(digits_source(), image_size, channels)
 
 
 def resize_center_crop(image, size: int):
@@ -76,14 +97,28 @@ def resize_center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
-def folder_images(folder: str, image_size: int, channels: int) -> np.ndarray:
-    """Every PNG/JPEG in ``folder`` (sorted by name, not recursive) as float32 [N, S, S, C]."""
-    from PIL import Image, ImageOps
-
+def folder_image_names(folder: str) -> list[str]:
+    """The files :func:`folder_images` reads: ``IMAGE_SUFFIXES`` (any case), directly in ``folder``, sorted."""
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES)
                    and os.path.isfile(os.path.join(folder, n)))
     if not names:
         raise DataError(f"--data {folder}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in this folder")
+    return names
+
+
+def folder_images(folder: str, image_size: int, channels: int) -> np.ndarray:
+    """Every PNG/JPEG in ``folder`` (sorted by name, not recursive) as float32 [N, S, S, C]."""
+    return to_unit_range(folder_pixels(folder, image_size, channels))
+
+
+def folder_pixels(folder: str, image_size: int, channels: int, available: int | None = None) -> np.ndarray:
+    """:func:`folder_images` as uint8 [N, S, S, C] (checked against ``available`` bytes first)."""
+    from PIL import Image, ImageOps
+
+    names = folder_image_names(folder)
+    if available is not None:
+        check_fits(f"--data {folder}", len(names) * image_size * image_size * channels, available,
+                   f"{len(names)} images of {image_size}x{image_size}x{channels} as uint8")
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(names), image_size, image_size, channels), np.uint8)
     for i, name in enumerate(names):
@@ -100,7 +135,7 @@ def folder_images(folder: str, image_size: int, channels: int) -> np.ndarray:
         except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
             raise DataError(f"--data {path}: cannot read image ({one_line(e, ERROR_DETAIL_LIMIT)})") from None
         out[i] = arr.reshape(image_size, image_size, channels)
-    return to_unit_range(out)
+    return out
 
 
 def infer_layout(shape: tuple[int, ...]) -> str:
@@ -115,11 +150,21 @@ def infer_layout(shape: tuple[int, ...]) -> str:
     raise DataError(f"shape {tuple(shape)} has no channel axis of size 1 or 3 (axis 1 or 3)")
 
 
-def _load_array(path: str) -> np.ndarray:
+def _load_array(path: str, mmap: bool = False) -> np.ndarray:
     try:
-        loaded = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read ({e.strerror or e})") from None
+    if not (head.startswith(NPY_MAGIC) or head.startswith(ZIP_MAGIC)):  # np.load would try unpickling it
+        raise DataError(f"--data {path}: not a .npy/.npz file (it starts with neither NumPy's nor zip's header)")
+    try:
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if mmap and head.startswith(NPY_MAGIC) else None)
     except ValueError as e:  # object arrays need pickles: refused
-        raise DataError(f"--data {path}: cannot load without pickles ({one_line(e, ERROR_DETAIL_LIMIT)})") from None
+        if "pickle" in str(e).lower() or "python objects" in str(e).lower():
+            raise DataError(f"--data {path}: holds Python objects, which cannot load without pickles "
+                            "(never unpickled; save uint8 images)") from None
+        raise DataError(f"--data {path}: not a readable .npy/.npz file ({one_line(e, ERROR_DETAIL_LIMIT)})") from None
     except Exception as e:
         raise DataError(f"--data {path}: not a readable .npy/.npz file ({one_line(e, ERROR_DETAIL_LIMIT)})") from None
     if isinstance(loaded, np.ndarray):
@@ -141,9 +186,16 @@ def _load_array(path: str) -> np.ndarray:
 
 def array_images(path: str, image_size: int, channels: int, layout: str = "auto") -> np.ndarray:
     """uint8 images from an ``.npz``/``.npy`` file as float32 [N, S, S, C] in [-1, 1]."""
+    return to_unit_range(array_pixels(path, image_size, channels, layout))
+
+
+def array_pixels(path: str, image_size: int, channels: int, layout: str = "auto",
+                 available: int | None = None) -> np.ndarray:
+    """:func:`array_images` as uint8 [N, S, S, C] (checked against ``available`` bytes first;
+    an ``.npy`` is memory-mapped while it is resized)."""
     from PIL import Image
 
-    arr = _load_array(path)
+    arr = _load_array(path, mmap=available is not None)
     if arr.dtype != np.uint8:
         raise DataError(f"--data {path}: images must be uint8, got {arr.dtype}")
     if arr.ndim == 3:
@@ -165,15 +217,18 @@ def array_images(path: str, image_size: int, channels: int, layout: str = "auto"
     if c not in (1, 3):
         raise DataError(f"--data {path}: images must have 1 or 3 channels, got {c} (shape {tuple(arr.shape)}, "
                         f"layout {layout})")
+    if available is not None:
+        check_fits(f"--data {path}", arr.shape[0] * image_size * image_size * channels, available,
+                   f"{arr.shape[0]} images of {image_size}x{image_size}x{channels} as uint8")
     if c == channels and arr.shape[1:3] == (image_size, image_size):
-        return to_unit_range(arr)
+        return np.array(arr, order="C") if isinstance(arr, np.memmap) else np.ascontiguousarray(arr)
     mode_in = "L" if c == 1 else "RGB"
     mode_out = "L" if channels == 1 else "RGB"
     out = np.empty((arr.shape[0], image_size, image_size, channels), np.uint8)
     for i, im in enumerate(arr):
         pil = Image.fromarray(im[..., 0] if c == 1 else im, mode=mode_in).convert(mode_out)
         out[i] = np.asarray(resize_center_crop(pil, image_size)).reshape(image_size, image_size, channels)
-    return to_unit_range(out)
+    return out
 
 
 def load_images(source: str, image_size: int, channels: int, layout: str = "auto") -> np.ndarray:
@@ -187,10 +242,129 @@ def load_images(source: str, image_size: int, channels: int, layout: str = "auto
     return array_images(source, image_size, channels, layout)
 
 
-def fingerprint(images: np.ndarray) -> str:
-    """A short content hash of the prepared images (shape and bytes)."""
-    h = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
+# ----------------------------------------------------------------------------- compact sets, memory
+def available_memory() -> int | None:
+    """Bytes of memory this process may still use: the smaller of the machine's available
+    memory (``MemAvailable``) and the room left under a cgroup limit; None if unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            found.append(max(int(limit) - usage, 0))
+        break
+    return min(found) if found else None
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def check_fits(what: str, nbytes: int, available: int | None, description: str) -> None:
+    """Raises DataError ``what: ... need about X, Y available`` when ``nbytes`` exceed ``available``."""
+    if available is not None and nbytes > available:
+        raise DataError(f"{what}: the {description} need about {format_bytes(nbytes)} of memory, more than the "
+                        f"{format_bytes(available)} available")
+
+
+class ImageSet:
+    """N images kept compactly, decoded per batch into float32 [B, S, S, C] in [-1, 1].
+
+    ``codes`` is what is held (uint8 pixels [N, S, S, C], or the digits' 8x8 source [N, 8, 8]),
+    ``decode`` turns rows of it into float32 images. Indexing (``images[indices]``) decodes
+    only those rows, and gives the same bits as indexing the float32 array of
+    :func:`load_images`; ``shape`` is that array's shape.
+    """
+
+    def __init__(self, codes: np.ndarray, decode: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]):
+        self.codes, self._decode, self.shape = codes, decode, tuple(shape)
+        self.dtype = np.dtype(np.float32)
+
+    @classmethod
+    def of_pixels(cls, pixels: np.ndarray) -> "ImageSet":
+        """uint8 [N, S, S, C] -> float32 per batch (:func:`to_unit_range`)."""
+        return cls(pixels, to_unit_range, pixels.shape)
+
+    @classmethod
+    def of_digits(cls, raw: np.ndarray, image_size: int, channels: int) -> "ImageSet":
+        """The digits' 8x8 source -> float32 [B, S, S, C] per batch (:func:`decode_digits`)."""
+        return cls(raw, lambda rows: decode_digits(rows, image_size, channels),
+                   (raw.shape[0], image_size, image_size, channels))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the compact codes, not the float32 images)."""
+        return int(self.codes.nbytes)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self._decode(self.codes[index:index + 1 if index != -1 else None])[0]
+        return self._decode(self.codes[index])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def chunks(self, max_bytes: int = DECODE_CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """The decoded images in order, a few at a time (at most ``max_bytes`` of float32 each)."""
+        per_image = 4 * int(np.prod(self.shape[1:]))
+        step = max(1, max_bytes // max(per_image, 1))
+        for start in range(0, self.shape[0], step):
+            yield self[start:start + step]
+
+
+def load_image_set(source: str, image_size: int, channels: int, layout: str = "auto",
+                   available: int | None = None) -> ImageSet:
+    """Any source as an :class:`ImageSet` (uint8 pixels, or the digits' source), decoded per batch.
+
+    ``available``: bytes of memory to fit in (default :func:`available_memory`).
+
+    Raises:
+      DataError: one line, as :func:`load_images`; or the uint8 pixels would not fit in memory.
+    """
+    available = available_memory() if available is None else available
+    if source == "digits":
+        return ImageSet.of_digits(digits_source(), image_size, channels)
+    if os.path.isdir(source):
+        return ImageSet.of_pixels(folder_pixels(source, image_size, channels, available))
+    if not os.path.exists(source):
+        raise DataError(f"--data {source}: no such file or directory")
+    return ImageSet.of_pixels(array_pixels(source, image_size, channels, layout, available))
+
+
+def fingerprint(images: np.ndarray | ImageSet) -> str:
+    """A short content hash of the prepared images (shape and bytes of the float32 set; an
+    :class:`ImageSet` is hashed chunk by chunk, to the same value as its float32 array)."""
+    h = hashlib.sha256(repr((tuple(images.shape), str(images.dtype))).encode())
+    if isinstance(images, ImageSet):
+        for chunk in images.chunks():
+            h.update(np.ascontiguousarray(chunk).tobytes())
+    else:
+        h.update(np.ascontiguousarray(images).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -256,7 +430,8 @@ class BatchIterator:
 
 
 __all__ = [
-    "BatchIterator", "DataError", "DataPosition", "IMAGE_SUFFIXES", "array_images", "digits_images", "epoch_order",
-    "fingerprint", "folder_images", "infer_layout", "load_images", "next_batch_indices", "resize_center_crop",
-    "to_unit_range",
+    "BatchIterator", "DataError", "DataPosition", "IMAGE_SUFFIXES", "ImageSet", "array_images", "array_pixels",
+    "available_memory", "check_fits", "decode_digits", "digits_images", "digits_source", "epoch_order", "fingerprint",
+    "folder_image_names", "folder_images", "folder_pixels", "format_bytes", "infer_layout", "load_image_set",
+    "load_images", "next_batch_indices", "resize_center_crop", "to_unit_range",
 ]

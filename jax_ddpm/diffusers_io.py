@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .convert import from_torch_state_dict, to_torch_state_dict
+from .convert import check_values, from_torch_state_dict, to_torch_state_dict
+from .images import current_umask
 from .models.arch import ArchConfigError
 from .models.unet2d import UNet2DConfig, build, config_from_dict, size_multiple, weight_table
 
@@ -314,9 +315,13 @@ def load_diffusers(path: str | os.PathLike, *, dtype: Any = jnp.float32, conv_im
     where = unet_folder / files[0]
     sd, attention_names = _rename_old_attention(sd, where)
     sd, dtypes = _as_float32(sd, where)
+    try:
+        check_values(sd)  # NaN/inf weights: refused, naming the tensor
+    except ValueError as e:
+        raise DiffusersFormatError(f"{where}: {e}") from None
     table = weight_table(config)
     try:
-        variables = from_torch_state_dict(sd, table=table)
+        variables = from_torch_state_dict(sd, table=table, check=False)
     except ValueError as e:  # missing or unexpected tensors, or wrong dimensions
         raise DiffusersFormatError(f"{where}: {e} (for the config in {unet_folder / CONFIG_NAME})") from None
     _check_shapes(sd, expected_torch_shapes(config), where, f"the config in {unet_folder / CONFIG_NAME}")
@@ -416,7 +421,9 @@ def save_diffusers(path: str | os.PathLike, model_config: UNet2DConfig, variable
         _write_json(tmp / "unet" / CONFIG_NAME, config_to_diffusers(model_config))
         save_file(sd, os.fspath(tmp / "unet" / WEIGHTS_NAME), metadata={"format": "pt"})
         _write_json(tmp / "scheduler" / SCHEDULER_CONFIG_NAME, sched)
-        os.chmod(tmp, 0o755)  # mkdtemp made it 0o700
+        umask = current_umask()  # mkdtemp made the folder 0o700 and safetensors the weights 0o600: the umask's
+        os.chmod(tmp / "unet" / WEIGHTS_NAME, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         os.replace(tmp, dest)  # onto an empty folder or a new name
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,17 +7,41 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+GRID_STEP_KEY = "jax-ddpm:step"  # PNG text chunk of a grid: the checkpoint step it was sampled from
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where possible; else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets: 0o666 less the umask (what ``open(path, 'w')`` gives)."""
+    return 0o666 & ~current_umask()
+
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Calls ``write(tmp_path)`` and renames the result onto ``path``: readers never see half a file.
 
-    The temporary name keeps ``path``'s suffix (writers that pick a format by suffix still work).
+    The temporary name keeps ``path``'s suffix (writers that pick a format by suffix still work);
+    the file gets the mode ``open`` would give it (0o666 less the umask), whatever mode the
+    writer created it with (safetensors writes 0o600). A failure leaves no temporary file.
     """
     folder, name = os.path.split(os.path.abspath(path))
     root, ext = os.path.splitext(name)
     tmp = os.path.join(folder, f".{root}.tmp-{os.getpid()}{ext}")
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -29,16 +53,33 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+MIN_IMAGE_PX = 64  # grids enlarge each image (nearest neighbour) to at least this many pixels: 16x16 -> 4x
+
+
+def grid_scale(h: int, w: int, ncols: int, pad: int = 1, min_width: int = 256, min_image_px: int = MIN_IMAGE_PX) -> int:
+    """The integer nearest-neighbour factor of :func:`make_grid`: the smallest that makes the
+    grid at least ``min_width`` px wide and each image at least ``min_image_px`` px on its
+    longer side (``min_image_px=0``: the width rule alone, as before)."""
+    by_width = math.ceil(min_width / (ncols * (w + pad) + pad))
+    by_image = math.ceil(min_image_px / max(h, w, 1))
+    return max(1, int(by_width), int(by_image))
+
+
 def make_grid(images_uint8: np.ndarray, ncols: int | None = None, pad: int = 1, pad_value: int = 128,
-              min_width: int = 256) -> np.ndarray:
-    """[N, H, W, C] uint8 -> one [rows*(H+pad)+pad, ...] image, upscaled (nearest) to ~``min_width`` px.
+              min_width: int = 256, scale: int | None = None, min_image_px: int = MIN_IMAGE_PX) -> np.ndarray:
+    """[N, H, W, C] uint8 -> one [rows*(H*scale+pad)+pad, ...] image, each image enlarged
+    (nearest neighbour) by ``scale`` (default: :func:`grid_scale`; 1 = raw pixels).
 
     Returns [Hg, Wg] for one channel, [Hg, Wg, 3] for three.
     """
     n, h, w, c = images_uint8.shape
     ncols = ncols or int(math.ceil(math.sqrt(n)))
     nrows = int(math.ceil(n / ncols))
-    scale = max(1, int(math.ceil(min_width / (ncols * (w + pad) + pad))))
+    if scale is None:
+        scale = grid_scale(h, w, ncols, pad, min_width, min_image_px)
+    elif int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    scale = int(scale)
     hs, ws = h * scale, w * scale
     grid = np.full((nrows * (hs + pad) + pad, ncols * (ws + pad) + pad, c), pad_value, np.uint8)
     for i, im in enumerate(images_uint8):
@@ -49,12 +90,33 @@ def make_grid(images_uint8: np.ndarray, ncols: int | None = None, pad: int = 1, 
     return grid[..., 0] if c == 1 else grid
 
 
-def save_grid(path: str, images: np.ndarray, ncols: int | None = None) -> None:
-    """Writes ``images`` ([N, H, W, C] in [-1, 1]) as one PNG grid, atomically."""
+def save_grid(path: str, images: np.ndarray, ncols: int | None = None, scale: int | None = None,
+              step: int | None = None) -> None:
+    """Writes ``images`` ([N, H, W, C] in [-1, 1]) as one PNG grid, atomically, enlarged by
+    ``scale`` (default: :func:`grid_scale`, each image at least ``MIN_IMAGE_PX`` px). ``step``:
+    the checkpoint step the samples come from, kept in the PNG (text chunk ``GRID_STEP_KEY``,
+    read back by :func:`grid_step`)."""
+    from PIL import Image, PngImagePlugin
+
+    grid = make_grid(to_uint8(images), ncols, scale=scale)
+    info = None
+    if step is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(GRID_STEP_KEY, str(int(step)))
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG", pnginfo=info))
+
+
+def grid_step(path: str) -> int | None:
+    """The step :func:`save_grid` recorded in the PNG at ``path``; None if it has none (grids
+    written before the record existed), is unreadable or is missing."""
     from PIL import Image
 
-    grid = make_grid(to_uint8(images), ncols)
-    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+    try:
+        with Image.open(path) as im:
+            text = getattr(im, "text", {}) or {}
+            return int(text[GRID_STEP_KEY]) if GRID_STEP_KEY in text else None
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def save_loss_plot(path: str, steps: Sequence[int], losses: Sequence[float], title: str = "training loss") -> None:
@@ -77,4 +139,5 @@ def save_loss_plot(path: str, steps: Sequence[int], losses: Sequence[float], tit
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-__all__ = ["atomic_write", "make_grid", "save_grid", "save_loss_plot", "to_uint8"]
+__all__ = ["GRID_STEP_KEY", "MIN_IMAGE_PX", "atomic_write", "current_umask", "file_mode", "grid_scale", "grid_step",
+           "make_grid", "save_grid", "save_loss_plot", "to_uint8"]

@@ -173,9 +173,7 @@ def _edit_scheduler(folder, **changes):
 @pytest.mark.parametrize("changes, needle", [
     ({"beta_schedule": "scaled_linear"}, "beta_schedule 'scaled_linear': not supported (jax_ddpm has linear and "
                                          "cosine = squaredcos_cap_v2)"),
-    ({"prediction_type": "v_prediction"}, "prediction_type 'v_prediction': only epsilon prediction is supported (v "
-                                          "and x0 prediction are not supported yet)"),
-    ({"prediction_type": "sample"}, "v and x0 prediction are not supported yet"),
+    ({"prediction_type": "flow"}, "prediction_type 'flow': must be one of epsilon, sample, v_prediction"),
     ({"variance_type": "learned_range"}, "variance_type 'learned_range': only fixed_small and fixed_large"),
     ({"clip_sample": True, "clip_sample_range": 2.0}, "clip_sample_range 2.0: only 1 is supported"),
     ({"thresholding": True}, "thresholding True: dynamic thresholding is not supported"),

@@ -21,12 +21,13 @@ def variables():
                                                jnp.zeros((1,), jnp.int32), train=False))
     rng = np.random.default_rng(0)
 
-    def fill(leaf):
+    def fill(path, leaf):
         if leaf.dtype == jnp.int32:
             return np.asarray(rng.integers(1, 100), np.int32)
-        return rng.standard_normal(leaf.shape).astype(np.float32)
+        values = rng.standard_normal(leaf.shape).astype(np.float32)
+        return np.abs(values) if "var" in jax.tree_util.keystr(path) else values  # a variance is >= 0
 
-    return jax.tree_util.tree_map(fill, shapes)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _flat(tree) -> dict:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..checkpoint import CHECKPOINT_SUBDIR, DAMAGED_SUBDIR
 from ..schedules import MIN_TIMESTEPS, check_timesteps
+
+SEED_LIMIT = 2 ** 32  # --seed must be in [0, SEED_LIMIT): jax.random.key takes 32 bits (larger seeds would collide)
+# What a work folder's run owns (``app.workdir``): sample/convert --out never write these.
+LOCK_NAME = ".jax-ddpm.lock"
+WORK_FOLDER_FILES = ("config.json", "metrics.jsonl", "loss.png", "samples.png", LOCK_NAME)
+WORK_FOLDER_DIRS = (CHECKPOINT_SUBDIR, DAMAGED_SUBDIR, "samples")
 
 
 class ConfigError(ValueError):
@@ -21,6 +28,14 @@ def positive(name: str, value: int) -> int:
 def non_negative(name: str, value: int) -> int:
     if value < 0:
         raise ConfigError(f"{name} must be 0 or a positive integer, got {value}")
+    return value
+
+
+def seed(name: str, value: int) -> int:
+    """A seed in [0, 2^32): ``jax.random.key`` uses 32 bits, so a larger one would silently
+    collide with a smaller one; refused instead."""
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{name} must be an integer in [0, {SEED_LIMIT - 1}], got {value}")
     return value
 
 
@@ -82,6 +97,20 @@ def out_file(option: str, text: str, suffixes: tuple[str, ...]) -> str:
         raise ConfigError(f"{option} {text}: folder {parent} does not exist")
     if os.path.isdir(path):
         raise ConfigError(f"{option} {text}: is a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {text}: cannot write into folder {parent}")
+    return path
+
+
+def not_run_file(option: str, text: str, path: str, workdir: str) -> str:
+    """``path`` unless it is a file the run in ``workdir`` owns (its samples.png, config.json,
+    anything under checkpoints/, ...): ``--out`` never replaces those."""
+    base, target = os.path.realpath(workdir), os.path.realpath(path)
+    rel = os.path.relpath(target, base)
+    if not rel.startswith(os.pardir) and rel != os.curdir and (rel in WORK_FOLDER_FILES
+                                                                or rel.split(os.sep)[0] in WORK_FOLDER_DIRS):
+        raise ConfigError(f"{option} {text}: is the work folder's own {rel} (train writes it); choose a file "
+                          "outside those")
     return path
 
 
@@ -128,5 +157,7 @@ def checkpoint_step_from_args(args: Any) -> int | None:
     return None if step is None else non_negative("--checkpoint-step", step)
 
 
-__all__ = ["ConfigError", "check_timesteps_option", "checkpoint_step_from_args", "choice", "existing_file", "existing_folder", "finite_float", "int_list", "new_folder",
-           "non_negative", "out_file", "positive", "resolve_data_source", "workdir_path"]
+__all__ = ["ConfigError", "LOCK_NAME", "SEED_LIMIT", "WORK_FOLDER_DIRS", "WORK_FOLDER_FILES", "check_timesteps_option",
+           "checkpoint_step_from_args", "choice", "existing_file", "existing_folder", "finite_float", "int_list",
+           "new_folder", "non_negative", "not_run_file", "out_file", "positive", "resolve_data_source", "seed",
+           "workdir_path"]

@@ -2,8 +2,8 @@
 ``app.sample``, ``app.convert``).
 
 Exit status: 0 done; 2 bad input (one line on stderr, ``jax-ddpm: error: ...``);
-3 the loss became NaN/inf (training stopped, last good checkpoint kept); 130 interrupted
-(Ctrl-C; ``train`` saves a checkpoint first).
+3 NaN/inf (a loss: training stopped, last good checkpoint kept; weights or samples: nothing
+written); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM) (``train`` saves a checkpoint first).
 
 Commands that need more than jax_ddpm (``parity``, ``bench``: torch) are not imported from
 here: they are entry points of the group ``jax_ddpm.commands`` (pyproject.toml), looked up
@@ -12,11 +12,14 @@ by name with ``importlib.metadata`` and called as ``main(argv) -> int``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from importlib import metadata
 from typing import Sequence
 
 from ..models.registry import ARCH_NAMES, ARCHITECTURES, DEFAULT_ARCH
+from ..parameterization import PREDICTIONS
+from ..samplers import SPACINGS
 from .arch_options import add_unet2d_arguments
 from .config import (BN_STATS, CHANNELS, DTYPES, LAYOUTS, MIN_TIMESTEPS, SAMPLERS, SCHEDULES, VARIANCES, ConfigError,
                      DiffusionConfig, ModelConfig, OptimConfig, SampleConfig, TrainConfig, convert_config_from_args,
@@ -29,7 +32,7 @@ EXTERNAL_COMMANDS = {  # the ones this project installs with its test extra (hel
     "parity": "print the JAX vs PyTorch parity report (needs torch); 'jax-ddpm parity --help' for its options",
     "bench": "run the JAX vs PyTorch benchmarks (needs torch); 'jax-ddpm bench --help' for its options",
 }
-BUILTIN_COMMANDS = ("train", "sample", "convert")
+BUILTIN_COMMANDS = ("train", "sample", "convert", "eval")
 
 DESCRIPTION = """\
 A functional JAX/Flax DDPM (Ho et al. 2020) that mirrors a textbook chapter's PyTorch code.
@@ -38,11 +41,12 @@ A functional JAX/Flax DDPM (Ho et al. 2020) that mirrors a textbook chapter's Py
   jax-ddpm sample  --workdir runs/digits --out x.png  sample with the EMA weights
   jax-ddpm convert --workdir runs/digits --out m.safetensors   export for torch_ref
   jax-ddpm convert --from-diffusers DIR --workdir runs/imported  a diffusers UNet2DModel / DDPMPipeline
+  jax-ddpm eval    --workdir runs/digits            sample quality: FID vs its floor, confident share, classes
   jax-ddpm parity ...   the parity report (needs torch)
   jax-ddpm bench ...    the JAX vs PyTorch benchmarks (needs torch)
 
 Run 'jax-ddpm COMMAND --help' for a command's options.
-Exit status: 0 ok, 2 bad input, 3 loss became NaN (train), 130 interrupted."""
+Exit status: 0 ok, 2 bad input, 3 NaN/inf, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 
 TRAIN_EPILOG = """\
 The work folder gets config.json, metrics.jsonl (step, loss, images/s, lr), loss.png,
@@ -50,10 +54,13 @@ samples/step_N.png (every --sample-every steps), samples.png (at the end) and
 checkpoints/N/ (orbax: params, BatchNorm statistics, optimizer state, EMA params, step,
 RNG key, data position). Running the same command again resumes from the latest complete
 checkpoint and reproduces an uninterrupted run bit for bit (CPU); only --steps,
---checkpoint-every, --keep-checkpoints, --sample-every, --num-samples, --log-every and
---quiet may change, and so may the devices and --xla-flags (other XLA flags may round
-differently, so bit for bit only with the same ones; config.json records the XLA_FLAGS of
-the latest session). Ctrl-C saves a checkpoint and exits with status 130.
+--checkpoint-every, --keep-checkpoints, --sample-every, --num-samples, the --sample-sampler
+options, --log-every and --quiet may change, and so may the devices and --xla-flags (other
+XLA flags may round differently, so bit for bit only with the same ones; config.json
+records the XLA_FLAGS of the latest session). Ctrl-C (or SIGTERM) saves a checkpoint and exits with status 130
+(143). One train at a time per work folder (a second one is refused, naming the PID of the
+first); a non-empty folder that holds no jax-ddpm run is refused; a damaged newest checkpoint
+is moved to damaged-checkpoints/ and the run resumes from the newest one that restores.
 
 Devices: training is data-parallel over every device JAX sees (jax.sharding, one 'data'
 mesh axis): --batch-size is the global batch, each device gets an equal slice, and
@@ -64,6 +71,16 @@ BN_HELP = ("BatchNorm statistics while sampling: 'batch' normalises with the sta
            f"(all images at the same t; use a batch of {MIN_BATCH_STATS} or more), 'running' is eval mode with the "
            "running statistics. The chapter's U-Net applies one BatchNorm to two convolutions (erratum E5), so its "
            "running statistics blend two layers' and eval-mode samples are poor")
+
+PREDICTION_HELP = ("what the network learns to output (the loss regresses it): eps, the noise (Ho et al. 2020); x0, "
+                   "the clean image (diffusers' prediction_type 'sample'); v = sqrt(abar) eps - sqrt(1 - abar) x0 "
+                   "(Salimans & Ho 2022; 'v_prediction'). Every sampler reads it; part of the run's identity")
+
+SAMPLER_HELP = ("ddpm: ancestral sampling, Ho et al. 2020 Algorithm 2 (respaced with --num-steps; --variance, "
+                "--clip-denoised); ddim: Song et al. 2021 (--eta, --clip-denoised); dpmpp_2m: DPM-Solver++(2M), Lu et "
+                "al. 2022, deterministic; chapter: the chapter's printed loop (errata E2, E3), all T steps, for "
+                "comparison only. All take --num-steps (chapter: T only), --timestep-spacing and --steps-offset "
+                "(but chapter)")
 
 XLA_FLAGS_HELP = ("XLA flags added to XLA_FLAGS before JAX starts. 'auto': "
                   "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution (XLA:CPU's own "
@@ -134,6 +151,7 @@ def _add_train_model(p, m: ModelConfig, d: DiffusionConfig) -> None:
                    help=f"--schedule linear: the last beta, in (0, 1) (default {d.beta_end:g})")
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES,
                    help="compute dtype of the network; parameters, optimizer state and the loss stay float32")
+    g.add_argument("--prediction", default=d.prediction, choices=PREDICTIONS, help=PREDICTION_HELP)
 
 
 def _add_train_optim(p, o: OptimConfig, t: TrainConfig) -> None:
@@ -163,6 +181,17 @@ def _add_train_bookkeeping(p, t: TrainConfig) -> None:
     g.add_argument("--num-samples", type=int, default=t.num_samples, metavar="N",
                    help="images in each sample grid")
     g.add_argument("--bn-stats", default=t.bn_stats, choices=BN_STATS, help=BN_HELP)
+    g.add_argument("--sample-sampler", default=t.sample_sampler, choices=SAMPLERS,
+                   help="the sampler of the sample grids (samples/step_N.png, samples.png); see 'jax-ddpm sample "
+                        "--help'")
+    g.add_argument("--sample-num-steps", type=int, default=None, metavar="N",
+                   help="the grids' number of sampling steps, 1 to --timesteps (default: all T)")
+    g.add_argument("--sample-eta", type=float, default=None, metavar="E",
+                   help="--sample-sampler ddim: the grids' eta (default 0)")
+    g.add_argument("--sample-timestep-spacing", default=None, choices=SPACINGS,
+                   help="the grids' timestep spacing (default: the sampler's, see 'jax-ddpm sample --help')")
+    g.add_argument("--sample-steps-offset", type=int, default=None, metavar="K",
+                   help="the grids' steps_offset (--sample-timestep-spacing leading only; default 0)")
     g.add_argument("--log-every", type=int, default=t.log_every, metavar="N",
                    help="fetch the loss and append to metrics.jsonl every N steps (a host sync)")
     g.add_argument("--quiet", action="store_true", help="no progress display or messages (errors still print)")
@@ -204,22 +233,35 @@ def _add_sample(sub) -> None:
     p.add_argument("--num", type=int, default=SampleConfig.num, metavar="N",
                    help="number of images (ignored with --noise)")
     p.add_argument("--seed", type=int, default=SampleConfig.seed, help="seeds x_T and the noise of every step")
-    p.add_argument("--sampler", default=SampleConfig.sampler, choices=SAMPLERS,
-                   help="ddpm: ancestral sampling, Ho et al. 2020 Algorithm 2 (posterior variance); chapter: the "
-                        "chapter's printed loop (errata E2, E3), for comparison only")
+    p.add_argument("--sampler", default=SampleConfig.sampler, choices=SAMPLERS, help=SAMPLER_HELP)
+    p.add_argument("--num-steps", type=int, default=None, metavar="N",
+                   help="network calls: a grid of N of the T timesteps (1 to T; default: all T; chapter: T only)")
+    p.add_argument("--eta", type=float, default=None, metavar="E",
+                   help="ddim: the noise of each step, 0 = deterministic, 1 = the DDPM posterior's (default 0)")
+    p.add_argument("--timestep-spacing", default=None, choices=SPACINGS,
+                   help="which N timesteps (diffusers' definitions): leading, arange(N) * (T // N) + offset; "
+                        "trailing, from T - 1 down in steps of T / N; linspace, both ends (default: leading for "
+                        "ddpm and ddim, linspace for dpmpp_2m)")
+    p.add_argument("--steps-offset", type=int, default=None, metavar="K",
+                   help="added to a leading grid's timesteps (diffusers' steps_offset; default 0)")
     _add_checkpoint_step(p, "load")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="images per compiled chain (chunks of B; default: sized to fit the memory). With --bn-stats "
+                        "running, or a model without BatchNorm, the samples do not depend on it; with --bn-stats "
+                        "batch each chunk is the batch whose statistics normalise it")
     p.add_argument("--clip-denoised", dest="clip_denoised", action="store_const", const=True, default=None,
-                   help="clip the predicted x0 to [-1, 1] at each ddpm step (default: the work folder's setting: "
-                        "on for runs trained here, diffusers' clip_sample for imported ones)")
+                   help="clip the predicted x0 to [-1, 1] at each ddpm or ddim step (default: the work folder's "
+                        "setting: on for runs trained here, diffusers' clip_sample for imported ones)")
     p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_const", const=False,
-                   help="do not clip the predicted x0 to [-1, 1] at each ddpm step")
+                   help="do not clip the predicted x0 to [-1, 1] at each ddpm or ddim step")
     p.add_argument("--variance", default=None, choices=VARIANCES,
                    help="variance of each ddpm step: beta_tilde (the posterior's; diffusers' fixed_small) or beta "
                         "(diffusers' fixed_large); default: the work folder's (beta_tilde for runs trained here)")
     p.add_argument("--bn-stats", default=SampleConfig.bn_stats, choices=BN_STATS, help=BN_HELP)
     p.add_argument("--noise", default=None, metavar="FILE.npz",
-                   help="pre-drawn noise instead of --seed: 'x_T' [N,H,W,C] and 'noises' [T,N,H,W,C] float32, "
-                        "noises[i] added at step i (the same file torch_ref.sample reads)")
+                   help="pre-drawn noise instead of --seed: 'x_T' [N,H,W,C] and 'noises' [S,N,H,W,C] float32, S the "
+                        "sampler's steps (T, or --num-steps), noises[i] the noise of the grid's i-th timestep "
+                        "ascending: with all T steps, added at step i (the same file torch_ref.sample reads)")
     p.add_argument("--xla-flags", default="auto", metavar="FLAGS", help=XLA_FLAGS_HELP)
 
 
@@ -253,6 +295,47 @@ def _add_convert(sub) -> None:
                         "sample_size) has none")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="measure sample quality (digits): FID vs the real-vs-real floor, classes",
+                       description="Score samples of a trained work folder (drawn as 'jax-ddpm sample' draws them) "
+                                   "or an .npz of samples with jax_ddpm's own digits classifier: FID in its feature "
+                                   "space beside the real-vs-real floor, the confident share, class coverage. "
+                                   "Writes WORKDIR/eval.json and one line on stdout; see docs/quality.md.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="a work folder written by 'jax-ddpm train' (on --data digits): sample from its EMA weights "
+                        "and write DIR/eval.json")
+    p.add_argument("--samples", default=None, metavar="FILE.npz",
+                   help="score these images instead of sampling: an .npz written by 'jax-ddpm sample --out FILE.npz' "
+                        "('samples' float32 in [-1, 1], else 'images' uint8)")
+    p.add_argument("--json", default=None, metavar="FILE.json", help="write the result here (default: DIR/eval.json)")
+    p.add_argument("--num", type=int, default=None, metavar="N", help="samples to draw (default: 1000)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds x_T and the chain's noise (as 'sample --seed') and the floor's draw of real images")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="the sampler, as in 'jax-ddpm sample' "
+                                                                     "(default: ddpm)")
+    p.add_argument("--checkpoint-step", type=int, default=None, metavar="STEP",
+                   help=CHECKPOINT_STEP_HELP.format(what="sample from"))
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="images per compiled chain, as in 'jax-ddpm sample' (default: sized to fit the memory)")
+    p.add_argument("--num-steps", type=int, default=None, metavar="N",
+                   help="the sampler's network calls, as in 'jax-ddpm sample' (default: all T)")
+    p.add_argument("--eta", type=float, default=None, metavar="E", help="ddim's eta, as in 'jax-ddpm sample' "
+                                                                        "(default 0)")
+    p.add_argument("--timestep-spacing", default=None, choices=SPACINGS,
+                   help="which timesteps, as in 'jax-ddpm sample' (default: the sampler's)")
+    p.add_argument("--steps-offset", type=int, default=None, metavar="K",
+                   help="a leading grid's offset, as in 'jax-ddpm sample' (default 0)")
+    p.add_argument("--clip-denoised", dest="clip_denoised", action="store_const", const=True, default=None,
+                   help="clip the predicted x0 at each ddpm step (default: the work folder's setting, as in sample)")
+    p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_const", const=False,
+                   help="do not clip the predicted x0 to [-1, 1] at each ddpm step")
+    p.add_argument("--variance", default=None, choices=VARIANCES,
+                   help="variance of each ddpm step (default: the work folder's, as in sample)")
+    p.add_argument("--bn-stats", default=None, choices=BN_STATS, help=BN_HELP + " (default: batch)")
+    p.add_argument("--xla-flags", default="auto", metavar="FLAGS", help=XLA_FLAGS_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
@@ -260,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_convert(sub)
+    _add_eval(sub)
     for name, text in EXTERNAL_COMMANDS.items():
         sub.add_parser(name, add_help=False, help=text)
     return parser
@@ -319,11 +403,33 @@ def _dispatch(args: argparse.Namespace, train_hooks) -> int:
         _set_xla_flags(args.xla_flags)
         from .sample import sample
         return sample(config)
+    if args.command == "eval":
+        from .eval import eval_config_from_args, evaluate
+        config = eval_config_from_args(args)
+        _set_xla_flags(args.xla_flags)
+        return evaluate(config)
     if args.command == "convert":
         config = convert_config_from_args(args)
         from .convert import convert
         return convert(config)
     return error(f"unknown command {args.command!r}")
+
+
+_NEGATIVE_VALUE = re.compile(r"^-\d")  # '-8,16,...', '-1e-3': a value, not an option (no option starts so)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--features -8,16`` -> ``--features=-8,16``: argparse takes a value that starts with '-' for an
+    option unless it is a plain negative number, and would say "expected one argument"; joined,
+    the option's own check names what is wrong."""
+    out: list[str] = []
+    for token in argv:
+        if out and _NEGATIVE_VALUE.match(token) and out[-1].startswith("--") and "=" not in out[-1] \
+                and out[-1] != "--":
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def main(argv: Sequence[str] | None = None, *, train_hooks=None) -> int:
@@ -335,24 +441,26 @@ def main(argv: Sequence[str] | None = None, *, train_hooks=None) -> int:
         if status is not None:
             return status
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_join_negative_values(argv))
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
         return int(e.code or 0)
     try:
         return _dispatch(args, train_hooks)
     except KeyboardInterrupt:
         return error("interrupted", EXIT_INTERRUPTED)
+    except MemoryError:
+        return error("out of memory (ask for fewer or smaller images: --num, --batch-size, --image-size)")
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return error(f"{where}{e.strerror or e}")
     except Exception as e:
         from ..checkpoint import CheckpointError
         from ..data import DataError
-        from .train import NonFiniteLossError
+        from .console import NonFiniteError
 
         if isinstance(e, (ConfigError, DataError, CheckpointError)):
             return error(str(e))
-        if isinstance(e, NonFiniteLossError):
+        if isinstance(e, NonFiniteError):
             return error(str(e), EXIT_NONFINITE)
         raise
 

@@ -10,7 +10,8 @@ dtypes, data layouts, architectures); the architecture's own config decides whic
 settings it accepts (:func:`arch_config`).
 
 A training run's *identity* (:func:`identity`) is everything that decides which numbers
-it computes: model, diffusion, data and optimizer settings and the seed. A resume must
+it computes: model, diffusion (with ``--prediction``: what the loss regresses), data and
+optimizer settings and the seed. A resume must
 keep it; training-length and bookkeeping options (``--steps``, ``--checkpoint-every``,
 ``--sample-every``, ...) may change, and so may the devices: N devices compute the same
 maths as one (``jax_ddpm.parallel``), so neither the device count nor ``--distributed`` is
@@ -21,12 +22,16 @@ An architecture other than the chapter's is described by its own config, held as
 JSON in ``ModelConfig.arch_config`` (``app.arch_options``); its fields compare one by one.
 The settings a run samples with by default (``SAMPLING_DEFAULTS``: the DDPM variance and
 x0 clipping) are not part of the identity: they live in the checkpoint metadata (an
-imported diffusers scheduler sets them) and ``sample`` options override them.
+imported diffusers scheduler sets them) and ``sample`` options override them. The sampler
+options (``--num-steps``, ``--eta``, ...: :func:`sampler_settings`) are checked with
+``samplers.check_options`` against the run's T before anything is loaded or compiled; the
+grids ``train`` draws take the same options as ``--sample-*`` (bookkeeping, not identity).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -35,6 +40,8 @@ from ..diffusion import VARIANCES
 from ..models.arch import ArchConfigError, Architecture
 from ..models.registry import ARCH_NAMES, DEFAULT_ARCH, get_arch
 from ..parallel import DTYPES
+from ..parameterization import PREDICTIONS
+from ..samplers import SPACINGS, check_options, get_sampler
 from ..sampling import BN_STATS, SAMPLERS
 from ..schedules import BETA_END, BETA_START, MIN_TIMESTEPS, SCHEDULES
 from .arch_options import (ARCH_CONFIG_FIELD, NOT_COMPARED_FIELDS, UNET2D_FIELD_OPTIONS, arch_config_from_args,
@@ -42,11 +49,15 @@ from .arch_options import (ARCH_CONFIG_FIELD, NOT_COMPARED_FIELDS, UNET2D_FIELD_
 from .checks import ConfigError, check_timesteps_option, checkpoint_step_from_args, choice as _choice
 from .checks import existing_file as _existing_file, existing_folder, int_list
 from .checks import finite_float as _finite_float, new_folder, non_negative as _non_negative
-from .checks import out_file as _out_file, positive as _positive, resolve_data_source, workdir_path as _workdir
+from .checks import not_run_file as _not_run_file, out_file as _out_file, positive as _positive, resolve_data_source
+from .checks import seed as _seed, workdir_path as _workdir
 
 # What a run samples with unless ``sample`` says otherwise (checkpoint metadata ``sampling``;
 # runs trained here and folders written before it: the posterior variance, clipped x0).
 SAMPLING_DEFAULTS: dict[str, Any] = {"variance": "beta_tilde", "clip_denoised": True}
+# The sampler options the command sets (``sample --num-steps ...``, ``train --sample-num-steps ...``),
+# by the library's names; which sampler has which is the sampler module's ``OPTIONS`` (num_steps: all).
+SAMPLER_OPTION_NAMES = ("num_steps", "eta", "timestep_spacing", "steps_offset", "variance", "clip_denoised")
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class DiffusionConfig:
     schedule: str = "cosine"
     beta_start: float = BETA_START  # the linear schedule's first and last beta (the cosine one has none)
     beta_end: float = BETA_END
+    prediction: str = "eps"  # what the network regresses (parameterization.PREDICTIONS); "eps" for older runs
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,13 @@ class TrainConfig:
     log_every: int = 25
     quiet: bool = False
     distributed: bool = False  # join a multi-process run (jax.distributed.initialize); not part of the identity
+    # the sample grids' sampler (--sample-sampler, ...; None = its default, the run's variance and clipping):
+    # bookkeeping like --num-samples, not part of the identity
+    sample_sampler: str = "ddpm"
+    sample_num_steps: int | None = None  # None = all T steps
+    sample_eta: float | None = None
+    sample_timestep_spacing: str | None = None
+    sample_steps_offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,11 @@ class SampleConfig:
     clip_denoised: bool | None = None  # None = the run's (SAMPLING_DEFAULTS unless imported otherwise)
     bn_stats: str = "batch"
     variance: str | None = None  # ddpm: 'beta_tilde' or 'beta'; None = the run's
+    batch_size: int | None = None  # images per sampling chunk (--batch-size); None = sized to fit the memory
+    num_steps: int | None = None  # None = all T steps
+    eta: float | None = None  # ddim; None = 0
+    timestep_spacing: str | None = None  # None = the sampler's default
+    steps_offset: int | None = None  # None = 0
 
 
 @dataclass(frozen=True)
@@ -141,7 +165,7 @@ OPTION_NAMES = {
     "model.time_emb_dim": "--time-emb-dim", "model.dtype": "--dtype", "model.arch": "--arch",
     "model.arch_config": "--unet2d-config",
     "diffusion.timesteps": "--timesteps", "diffusion.schedule": "--schedule",
-    "diffusion.beta_start": "--beta-start", "diffusion.beta_end": "--beta-end",
+    "diffusion.beta_start": "--beta-start", "diffusion.beta_end": "--beta-end", "diffusion.prediction": "--prediction",
     "data.source": "--data", "data.layout": "--layout",
     "optim.batch_size": "--batch-size", "optim.lr": "--lr", "optim.ema_decay": "--ema-decay",
     "optim.grad_clip": "--grad-clip", "seed": "--seed",
@@ -323,14 +347,18 @@ def train_config_from_args(args: Any) -> TrainConfig:
                                                                      args.image_size)))
     schedule = _choice("--schedule", args.schedule, SCHEDULES)
     diffusion = DiffusionConfig(timesteps=check_timesteps_option(args.timesteps), schedule=schedule,
+                                prediction=_choice("--prediction", getattr(args, "prediction", "eps"), PREDICTIONS),
                                 **_betas_from_args(args, schedule))
     data = DataConfig(source=resolve_data_source(args.data), layout=_choice("--layout", args.layout, LAYOUTS))
     optim = OptimConfig(batch_size=_positive("--batch-size", args.batch_size),
                         lr=_finite_float("--lr", args.lr, 0.0, low_open=True),
                         ema_decay=_finite_float("--ema-decay", args.ema_decay, 0.0, 1.0),
                         grad_clip=_finite_float("--grad-clip", args.grad_clip, 0.0))
-    return TrainConfig(workdir=_workdir(args.workdir), model=model, diffusion=diffusion, data=data, optim=optim,
-                       seed=_non_negative("--seed", args.seed), steps=_positive("--steps", args.steps),
+    grid_sampler = _choice("--sample-sampler", getattr(args, "sample_sampler", "ddpm"), SAMPLERS)
+    grid = {f"sample_{k}": v for k, v in _sampler_given(args, "sample_").items()}
+    config = TrainConfig(workdir=_workdir(args.workdir), model=model, diffusion=diffusion, data=data, optim=optim,
+                       sample_sampler=grid_sampler, **grid,
+                       seed=_seed("--seed", args.seed), steps=_positive("--steps", args.steps),
                        checkpoint_every=_positive("--checkpoint-every", args.checkpoint_every),
                        keep_checkpoints=_positive("--keep-checkpoints", args.keep_checkpoints),
                        sample_every=_non_negative("--sample-every", args.sample_every),
@@ -338,6 +366,17 @@ def train_config_from_args(args: Any) -> TrainConfig:
                        bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS),
                        log_every=_positive("--log-every", args.log_every), quiet=bool(args.quiet),
                        distributed=bool(getattr(args, "distributed", False)))
+    grid_sampler_settings(config)  # checked now, against this run's T
+    return config
+
+
+def grid_sampler_settings(config: TrainConfig, run_sampling: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The library options of the sample grids' sampler (``--sample-sampler``, ``--sample-num-steps``,
+    ...; ``sampler_settings``) with the run's variance and clipping (``run_sampling``, default
+    ``SAMPLING_DEFAULTS``). Raises ConfigError naming the ``--sample-*`` option."""
+    given = {name: getattr(config, f"sample_{name}", None) for name in SAMPLER_OPTION_NAMES}
+    return sampler_settings(config.sample_sampler, given, SAMPLING_DEFAULTS if run_sampling is None else run_sampling,
+                            config.diffusion.timesteps, prediction=config.diffusion.prediction, prefix="--sample-")
 
 
 def _betas_from_args(args: Any, schedule: str) -> dict[str, float]:
@@ -350,10 +389,76 @@ def _betas_from_args(args: Any, schedule: str) -> dict[str, float]:
     return {k: _finite_float("--" + k.replace("_", "-"), v, 0.0, 1.0, low_open=True) for k, v in given.items()}
 
 
+def sampler_option_names(sampler: str) -> tuple[str, ...]:
+    """The options sampler ``sampler`` takes: ``num_steps`` (every sampler) and its module's ``OPTIONS``."""
+    return ("num_steps",) + tuple(getattr(sys.modules[get_sampler(sampler).__module__], "OPTIONS", ()))
+
+
+def _option_error(message: str, flag) -> str:
+    """A sampler's ValueError with the option it names spelled as the command's flag."""
+    for name in SAMPLER_OPTION_NAMES:
+        if message.startswith(name + " "):
+            return flag(name) + message[len(name):]
+    found = sorted((message.find(name), name) for name in SAMPLER_OPTION_NAMES if name in message)
+    return f"{flag(found[0][1] if found else 'sampler')}: {message}"
+
+
+def sampler_settings(sampler: str, given: Mapping[str, Any], run_sampling: Mapping[str, Any],
+                     timesteps: int | None = None, *, prediction: str = "eps", prefix: str = "--") -> dict[str, Any]:
+    """The library options of ``sampler`` (``make_sample_fn(model, sampler, ..., **settings)``):
+    the options ``given`` (``SAMPLER_OPTION_NAMES``; None = not given), and the run's
+    ``variance`` / ``clip_denoised`` (``run_sampling``) where the sampler has them and they are not
+    given; everything else at the sampler's own default. With ``timesteps`` (T), the result is
+    checked by ``samplers.check_options`` (nothing is built or run).
+
+    ``prefix`` spells the options in messages: ``--`` (``sample --eta``), ``--sample-``
+    (``train --sample-eta``); the sampler itself is ``{prefix}sampler``.
+
+    Raises:
+      ConfigError: one line naming the option: one the sampler does not have, or a value it refuses.
+    """
+    def flag(name: str) -> str:
+        return prefix + name.replace("_", "-")
+
+    have = sampler_option_names(sampler)
+    for name in SAMPLER_OPTION_NAMES:
+        if given.get(name) is not None and name not in have:
+            others = [s for s in SAMPLERS if name in sampler_option_names(s)]
+            names = others[0] if len(others) == 1 else f"{', '.join(others[:-1])} and {others[-1]}"
+            which = f" ({flag('sampler')} {names} {'has' if len(others) == 1 else 'have'})" if others else ""
+            raise ConfigError(f"{flag(name)}: {flag('sampler')} {sampler} has no such setting{which}")
+    settings = {k: v for k, v in given.items() if v is not None}
+    for name in ("variance", "clip_denoised"):
+        if name in have and name not in settings:
+            settings[name] = run_sampling[name]
+    if timesteps is not None:
+        try:
+            check_options(sampler, timesteps, prediction=prediction, **settings)
+        except ValueError as e:
+            raise ConfigError(_option_error(" ".join(str(e).split()), flag)) from None
+    return settings
+
+
+def _sampler_given(args: Any, prefix: str = "") -> dict[str, Any]:
+    """``--[sample-]num-steps``, ``--[sample-]eta``, ``--[sample-]timestep-spacing`` and
+    ``--[sample-]steps-offset`` from a namespace (None = not given), each checked on its own."""
+    flag = "--" + prefix.replace("_", "-")
+    num_steps, eta, spacing, offset = (getattr(args, prefix + name, None)
+                                       for name in ("num_steps", "eta", "timestep_spacing", "steps_offset"))
+    return {"num_steps": None if num_steps is None else _positive(flag + "num-steps", num_steps),
+            "eta": None if eta is None else _finite_float(flag + "eta", eta, 0.0),
+            "timestep_spacing": None if spacing is None else _choice(flag + "timestep-spacing", spacing, SPACINGS),
+            "steps_offset": None if offset is None else _non_negative(flag + "steps-offset", offset)}
+
+
 def sample_config_from_args(args: Any) -> SampleConfig:
     """Validates the ``sample`` namespace. Raises ConfigError (one line)."""
-    return SampleConfig(workdir=_workdir(args.workdir), out=_out_file("--out", args.out, (".png", ".npz")),
-                        num=_positive("--num", args.num), seed=_non_negative("--seed", args.seed),
+    workdir = _workdir(args.workdir)
+    out = _not_run_file("--out", args.out, _out_file("--out", args.out, (".png", ".npz")), workdir)
+    batch_size = getattr(args, "batch_size", None)
+    config = SampleConfig(workdir=workdir, out=out, batch_size=None if batch_size is None else
+                        _positive("--batch-size", batch_size), **_sampler_given(args),
+                        num=_positive("--num", args.num), seed=_seed("--seed", args.seed),
                         sampler=_choice("--sampler", args.sampler, SAMPLERS),
                         step=checkpoint_step_from_args(args),
                         noise=None if args.noise is None else _existing_file("--noise", args.noise),
@@ -361,6 +466,13 @@ def sample_config_from_args(args: Any) -> SampleConfig:
                         bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS),
                         variance=None if getattr(args, "variance", None) is None
                         else _choice("--variance", args.variance, VARIANCES))
+    sampler_settings(config.sampler, given_sampler_options(config), SAMPLING_DEFAULTS)  # T is checked at load
+    return config
+
+
+def given_sampler_options(config: SampleConfig) -> dict[str, Any]:
+    """The sampler options ``sample`` was given (``SAMPLER_OPTION_NAMES``; None = not given)."""
+    return {name: getattr(config, name) for name in SAMPLER_OPTION_NAMES}
 
 
 def convert_config_from_args(args: Any) -> ConvertConfig:
@@ -375,20 +487,24 @@ def convert_config_from_args(args: Any) -> ConvertConfig:
     if len(given) != 1:
         raise ConfigError("convert needs exactly one of --out FILE or --to-diffusers DIR (export), --from-torch FILE "
                           "or --from-diffusers DIR (import)" + (f"; got {' and '.join(given)}" if given else ""))
-    return ConvertConfig(workdir=_workdir(args.workdir),
-                         out=None if args.out is None else _out_file("--out", args.out, (".safetensors",)),
+    workdir = _workdir(args.workdir)
+    return ConvertConfig(workdir=workdir,
+                         out=None if args.out is None else _not_run_file("--out", args.out, _out_file(
+                             "--out", args.out, (".safetensors",)), workdir),
                          from_torch=None if args.from_torch is None else _existing_file("--from-torch",
                                                                                         args.from_torch),
                          step=checkpoint_step_from_args(args),
                          image_size=_positive("--image-size", args.image_size),
-                         to_diffusers=None if to_diffusers is None else new_folder("--to-diffusers", to_diffusers),
+                         to_diffusers=None if to_diffusers is None else _not_run_file(
+                             "--to-diffusers", to_diffusers, new_folder("--to-diffusers", to_diffusers), workdir),
                          from_diffusers=None if from_diffusers is None else existing_folder("--from-diffusers",
                                                                                             from_diffusers))
 
 
 __all__ = [
     "ARCH_FIELD_OPTIONS", "ARCH_NAMES", "BN_STATS", "CHANNELS", "ConfigError", "ConvertConfig", "DTYPES",
-    "SAMPLING_DEFAULTS", "VARIANCES",
+    "SAMPLER_OPTION_NAMES", "SAMPLING_DEFAULTS", "VARIANCES", "given_sampler_options", "grid_sampler_settings",
+    "sampler_option_names", "sampler_settings",
     "DataConfig", "DiffusionConfig", "LAYOUTS", "MIN_TIMESTEPS", "ModelConfig", "OPTION_NAMES", "OptimConfig",
     "SAMPLERS", "SCHEDULES", "SampleConfig", "TrainConfig", "arch_config", "check_arch", "check_image_size",
     "check_timesteps_option", "checkpoint_step_from_args", "complete_identity", "convert_config_from_args",

@@ -1,5 +1,5 @@
 """What the command says: exit statuses, one-line errors and warnings, the progress display,
-and Ctrl-C as a flag the train loop checks between steps."""
+and Ctrl-C / SIGTERM as a flag the train loop checks between steps."""
 from __future__ import annotations
 
 import signal
@@ -11,6 +11,29 @@ from ..errors import one_line
 
 PROG = "jax-ddpm"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: SIGTERM (SLURM, Kubernetes, preemptible VMs), handled like Ctrl-C
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_status(signum: int) -> int:
+    """The exit status after stopping on signal ``signum``: 130 (SIGINT), 143 (SIGTERM)."""
+    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class NonFiniteError(RuntimeError):
+    """Numbers became NaN/inf (a loss, weights, samples): one line, exit status 3, nothing bad written."""
+
+
+class StopAgain(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM after the first one asked the loop to stop: leave now."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
+        self.signum = signum
 
 
 def error(message: object, status: int = EXIT_BAD_INPUT, prog: str = PROG) -> int:
@@ -78,28 +101,60 @@ class Progress:
 
 
 class InterruptFlag:
-    """Turns the first SIGINT into a flag the loop checks between steps; a second one raises."""
+    """Turns the first SIGINT or SIGTERM into a flag the loop checks between steps (``signum``:
+    the signal); a second one raises :class:`StopAgain` (a KeyboardInterrupt).
+
+    Inside :meth:`shield` (a checkpoint save) a second signal is only recorded (``again``):
+    the save finishes, and the loop stops right after it; a third one raises there too.
+    """
 
     def __init__(self):
-        self.raised = False
-        self._previous = None
+        self.signum: int | None = None
+        self.again = 0
+        self._shielded = False
+        self._previous: dict[int, object] = {}
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    def _handler(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            return
+        self.again += 1
+        if not self._shielded or self.again >= 2:
+            raise StopAgain(signum)
+
+    def shield(self):
+        """A context in which a second signal waits for the block to finish (see the class)."""
+        flag = self
+
+        class _Shield:
+            def __enter__(self):
+                flag._shielded = True
+                return flag
+
+            def __exit__(self, *exc):
+                flag._shielded = False
+                return False
+
+        return _Shield()
 
     def __enter__(self):
-        def handler(signum, frame):
-            self.raised = True
-            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: no handler, Ctrl-C raises as usual
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread: no handler, signals act as usual
+                break
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
         return False
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK", "InterruptFlag", "PROG", "Progress",
-           "error", "note", "warning"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK", "EXIT_TERMINATED", "InterruptFlag", "NonFiniteError",
+           "PROG", "Progress", "STOP_SIGNALS", "StopAgain", "error", "exit_status", "note", "signal_name", "warning"]

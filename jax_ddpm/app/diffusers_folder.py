@@ -9,17 +9,17 @@ DDPMScheduler's settings (diffusers 0.42.1) and what a work folder makes of them
 ``beta_schedule``           ``linear`` -> linear from ``beta_start`` to ``beta_end`` (diffusers'
                             float32 ``torch.linspace``; ours float64 rounded: within 1 ulp);
                             ``squaredcos_cap_v2`` -> cosine (the same betas); others refused
-``prediction_type``         ``epsilon``; ``sample`` and ``v_prediction`` refused
+``prediction_type``         ``--prediction``: ``epsilon`` -> eps, ``sample`` -> x0, ``v_prediction`` -> v
 ``variance_type``           ``fixed_small`` -> ``--variance beta_tilde``; ``fixed_large`` -> ``beta``;
                             others refused
 ``clip_sample``             ``--clip-denoised`` / ``--no-clip-denoised`` (``clip_sample_range``
                             other than 1 refused while clipping)
 ``trained_betas``, ``thresholding``, ``rescale_betas_zero_snr``: refused unless unset / false
-``timestep_spacing``, ``steps_offset``: how a pipeline picks fewer inference steps; the ddpm
-                            sampler runs all T, so they do not apply
+``timestep_spacing``, ``steps_offset``: how a pipeline picks fewer inference steps; ``sample``
+                            runs all T unless ``--num-steps`` (with its own ``--timestep-spacing``)
 ==========================  ==================================================================
 
-T and the betas are the run's diffusion settings (its identity); the variance and the
+T, the betas and the prediction type are the run's diffusion settings (its identity); the variance and the
 clipping are the run's sampling defaults (checkpoint metadata ``sampling``). A UNet folder
 without a scheduler takes DDPMScheduler's defaults (said on stderr). Only DDPMScheduler and
 DDIMScheduler configs are read (they describe the same forward process).
@@ -37,18 +37,20 @@ import numpy as np
 from ..data import CHANNELS
 from ..diffusers_io import (MODEL_INDEX_NAME, SCHEDULE_DEFAULTS, SCHEDULER_CONFIG_NAME, DiffusersFormatError,
                             load_diffusers, save_diffusers)
+from ..parameterization import DIFFUSERS_PREDICTION_TYPES
 from ..schedules import BETA_END, BETA_START, check_linear_betas, check_timesteps
 from .arch_options import canonical_arch_config
 from .checks import ConfigError
 from .config import ConvertConfig, DiffusionConfig, ModelConfig, TrainConfig, arch_config, check_arch, check_image_size
 from .console import EXIT_OK, note
-from .convert import check_new_workdir, write_imported_run
+from .convert import check_finite_weights, check_new_workdir, write_imported_run
 from .factories import abstract_state
 from .workdir import load_run, sampling_settings
 
 SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler")
 BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # diffusers' name -> jax_ddpm's
 VARIANCE_TYPES = {"fixed_small": "beta_tilde", "fixed_large": "beta"}  # diffusers' name -> --variance
+PREDICTION_FROM_DIFFUSERS = {v: k for k, v in DIFFUSERS_PREDICTION_TYPES.items()}  # prediction_type -> --prediction
 
 
 def _scheduler_path(root: Path) -> Path:
@@ -80,8 +82,8 @@ def run_settings_from_scheduler(raw: Mapping[str, Any], where: str) -> tuple[Dif
         refuse("trained_betas", "not supported (only the linear and squaredcos_cap_v2 schedules)")
     if s.get("rescale_betas_zero_snr"):
         refuse("rescale_betas_zero_snr", "not supported (it changes the betas)")
-    if s["prediction_type"] != "epsilon":
-        refuse("prediction_type", "only epsilon prediction is supported (v and x0 prediction are not supported yet)")
+    if s["prediction_type"] not in PREDICTION_FROM_DIFFUSERS:
+        refuse("prediction_type", f"must be one of {', '.join(PREDICTION_FROM_DIFFUSERS)}")
     if s.get("thresholding"):
         refuse("thresholding", "dynamic thresholding is not supported")
     variance = s.get("variance_type", "fixed_small")  # DDIMScheduler has none: its ddpm-like variance is fixed_small
@@ -98,7 +100,8 @@ def run_settings_from_scheduler(raw: Mapping[str, Any], where: str) -> tuple[Dif
             betas = dict(zip(("beta_start", "beta_end"), check_linear_betas(s["beta_start"], s["beta_end"])))
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
-    diffusion = DiffusionConfig(timesteps=timesteps, schedule=schedule, **betas)
+    diffusion = DiffusionConfig(timesteps=timesteps, schedule=schedule,
+                                prediction=PREDICTION_FROM_DIFFUSERS[s["prediction_type"]], **betas)
     return diffusion, {"variance": VARIANCE_TYPES[variance], "clip_denoised": bool(s["clip_sample"])}
 
 
@@ -106,7 +109,8 @@ def scheduler_settings_from_run(diffusion: DiffusionConfig, sampling: Mapping[st
     """The inverse: ``save_diffusers``' ``schedule_settings`` for a run."""
     to_diffusers = {v: k for k, v in BETA_SCHEDULES.items()}
     return {"num_train_timesteps": diffusion.timesteps, "beta_schedule": to_diffusers[diffusion.schedule],
-            "beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end, "prediction_type": "epsilon",
+            "beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end,
+            "prediction_type": DIFFUSERS_PREDICTION_TYPES[diffusion.prediction],
             "variance_type": {v: k for k, v in VARIANCE_TYPES.items()}[sampling["variance"]],
             "clip_sample": bool(sampling["clip_denoised"])}
 
@@ -131,6 +135,8 @@ def train_options(run_config: TrainConfig, source: str) -> list[str]:
     m, d = run_config.model, run_config.diffusion
     opts = ["--arch", m.arch, "--unet2d-config", source, "--channels", str(m.channels), "--image-size",
             str(m.image_size), "--timesteps", str(d.timesteps), "--schedule", d.schedule]
+    if d.prediction != "eps":
+        opts += ["--prediction", d.prediction]
     if d.schedule == "linear" and (d.beta_start, d.beta_end) != (BETA_START, BETA_END):
         opts += ["--beta-start", repr(d.beta_start), "--beta-end", repr(d.beta_end)]
     return opts
@@ -177,7 +183,7 @@ def import_diffusers(config: ConvertConfig, stream: TextIO | None = None) -> int
     n = sum(int(np.prod(np.shape(v))) for v in jax.tree_util.tree_leaves(variables["params"]))
     print(f"imported {path} into {config.workdir} (checkpoint 0): unet2d, {n:,} parameters, {image_size}x{image_size}"
           f"x{unet.in_channels}, T={diffusion.timesteps} {diffusion.schedule}, variance {sampling['variance']}, "
-          f"clip_denoised {str(sampling['clip_denoised']).lower()}", file=out)
+          f"clip_denoised {str(sampling['clip_denoised']).lower()}, prediction {diffusion.prediction}", file=out)
     print(f"fine-tune it with: jax-ddpm train --workdir {config.workdir} {' '.join(train_options(run_config, path))}"
           " --data ... --steps N", file=out)
     return EXIT_OK
@@ -187,6 +193,7 @@ def export_diffusers(config: ConvertConfig, stream: TextIO | None = None) -> int
     """``convert --to-diffusers DIR``: a unet2d run's EMA weights as a DDPMPipeline folder."""
     run = load_run(config.workdir, config.step)
     m = run.config.model
+    check_finite_weights(run)
     if m.arch != "unet2d":
         raise ConfigError(f"--to-diffusers: --workdir {config.workdir} holds --arch {m.arch}, which diffusers has no "
                           "model for (export it with --out FILE.safetensors)")
@@ -199,7 +206,8 @@ def export_diffusers(config: ConvertConfig, stream: TextIO | None = None) -> int
         raise ConfigError(f"--to-diffusers {e}") from None
     print(f"wrote a DDPMPipeline folder (EMA weights, step {run.step}; scheduler T={settings['num_train_timesteps']} "
           f"{settings['beta_schedule']}, {settings['variance_type']}, clip_sample "
-          f"{str(settings['clip_sample']).lower()}) to {config.to_diffusers}", file=stream or sys.stdout)
+          f"{str(settings['clip_sample']).lower()}, {settings['prediction_type']}) to {config.to_diffusers}",
+          file=stream or sys.stdout)
     return EXIT_OK
 
 

@@ -53,7 +53,8 @@ def make_init_fn(config: TrainConfig) -> Callable[[jax.Array, DiffusionSchedule]
     model, tx, shape = build_model(config), build_optimizer(config), image_shape(config)
 
     def init(key, schedule):
-        return create_train_state(model, key, shape, schedule, tx, config.optim.ema_decay)
+        return create_train_state(model, key, shape, schedule, tx, config.optim.ema_decay,
+                                  prediction=config.diffusion.prediction)
 
     return init
 
@@ -75,14 +76,16 @@ def state_from_variables(config: TrainConfig, variables, ema_params=None) -> Tra
     ``ema_params`` (default: the params; none if ``--ema-decay 0``). Nothing is compiled."""
     variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
     state = train_state_from_variables(variables, build_model(config).apply, build_optimizer(config),
-                                       build_schedule(config), config.optim.ema_decay)
+                                       build_schedule(config), config.optim.ema_decay,
+                                       prediction=config.diffusion.prediction)
     if ema_params is not None and state.ema_params is not None:
         state = state.replace(ema_params=jax.tree_util.tree_map(jnp.array, ema_params))
     return state
 
 
 def abstract_state(config: TrainConfig) -> TrainState:
-    """The TrainState's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without FLOPs."""
+    """The TrainState's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without FLOPs, and its
+    static fields (``prediction``, ...): a restore onto this template keeps them."""
     return jax.eval_shape(make_init_fn(config), jax.random.key(0), build_schedule(config))
 
 

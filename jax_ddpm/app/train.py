@@ -10,8 +10,18 @@ after restore), every process draws the same global batch indices and feeds only
 rows, and the step is ``factories.make_step_fn``. Every process takes part in the steps,
 the checkpoint saves and restores and the non-finite-loss stop; only process 0 writes
 ``config.json``, ``metrics.jsonl``, plots, sample grids and messages. In a multi-process
-run Ctrl-C is acted on at the next logging or checkpoint step, once all processes agree
-(one small all-gather there).
+run Ctrl-C or SIGTERM is acted on at the next logging or checkpoint step, once all processes
+agree (one small all-gather there).
+
+One writer per folder: process 0 holds ``workdir.WorkdirLock`` from before the first read of
+a checkpoint to the end; a second trainer is refused naming the PID that holds it. Nothing is
+written before every check has passed, and only into an empty or new folder or one jax-ddpm
+wrote (``workdir.check_train_target``). SIGTERM is handled like the first Ctrl-C (a
+checkpoint at the step reached, one line, exit status 143; 130 for Ctrl-C); a second signal
+during that save waits for it to finish. Resume takes the newest checkpoint that restores
+and validates; newer ones that do not are moved to ``damaged-checkpoints/`` (said in one line
+each). A save that fails (no space left on device) is one line, exit status 2, its temporary
+folder removed. The final grid records its step, so a rerun redraws a stale one.
 
 An imported folder's checkpoint 0 (``convert --from-torch`` / ``--from-diffusers``) is a
 starting point, not a run to resume: ``train`` on it fine-tunes the imported weights (params
@@ -25,6 +35,7 @@ act after a step; the command itself passes none.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -37,21 +48,24 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .. import parallel
-from ..data import BatchIterator, DataPosition, fingerprint, load_images
+from ..data import BatchIterator, DataPosition, ImageSet, fingerprint, load_image_set
 from ..images import save_grid, save_loss_plot
 from ..sampling import make_sample_fn
 from ..training import TrainState
-from .config import SAMPLING_DEFAULTS, ConfigError, TrainConfig, identity, to_dict, train_config_from_identity
-from .console import EXIT_INTERRUPTED, EXIT_OK, InterruptFlag, Progress
+from .config import (SAMPLING_DEFAULTS, ConfigError, TrainConfig, grid_sampler_settings, identity, to_dict,
+                     train_config_from_identity)
+from .console import (EXIT_INTERRUPTED, EXIT_OK, InterruptFlag, NonFiniteError, Progress, StopAgain, exit_status,
+                      warning)
 from .devices import Devices, any_process, local_copy, setup_devices
 from .factories import (abstract_state, build_model, build_schedule, image_shape, init_state, make_step_fn, run_keys,
                         state_from_variables)
-from .workdir import RunFiles, append_metrics, check_resume, is_import_start, sampling_settings, trim_metrics, write_json
+from .workdir import (RunFiles, WorkdirLock, append_metrics, check_resume, check_train_target, data_position,
+                      grid_is_current, is_import_start, sampling_settings, trim_metrics, write_json)
 
 PLOT_EVERY_S = 30.0  # loss.png is redrawn at a checkpoint at most this often (and always at the end)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """The loss (or gradient norm) became NaN/inf; training stopped (exit status 3)."""
 
 
@@ -87,7 +101,7 @@ class _Loop:
     config: TrainConfig
     devices: Devices
     files: RunFiles
-    images: np.ndarray
+    images: ImageSet
     data_fp: str
     progress: Progress
     hooks: TrainHooks
@@ -106,6 +120,9 @@ class _Loop:
     timer: float = 0.0
     last_plot: float = -math.inf
     first_step_done: bool = False
+    stop_signal: int | None = None  # the SIGINT / SIGTERM the run stopped on
+    stopped_again: int | None = None  # a second one ended the run before (or while) it saved
+    saving: int | None = None  # the step being saved while that happened
 
     def restart_timer(self) -> None:
         """img/s counts training only: compile, checkpoint and sampling time are left out."""
@@ -113,25 +130,28 @@ class _Loop:
 
 
 # ----------------------------------------------------------------------------- before the loop
-def _load_data(config: TrainConfig) -> tuple[np.ndarray, str]:
-    images = load_images(config.data.source, config.model.image_size, config.model.channels, config.data.layout)
+def _load_data(config: TrainConfig) -> tuple[ImageSet, str]:
+    """The images, kept compact (uint8 or the digits' source) and decoded per batch, and their fingerprint."""
+    images = load_image_set(config.data.source, config.model.image_size, config.model.channels, config.data.layout)
     if config.optim.batch_size > images.shape[0]:
         raise ConfigError(f"--batch-size {config.optim.batch_size} exceeds the {images.shape[0]} images in "
                           f"--data {config.data.source}")
     return images, fingerprint(images)
 
 
-def _restore(config: TrainConfig, devices: Devices, data_fp: str, keys: Mapping[str, jax.Array]) -> _Restored:
-    """The latest checkpoint, checked against this run's settings and data, replicated over
-    the mesh; or a fresh start. Touches nothing in the folder."""
-    steps_done = ckpt.complete_steps(config.workdir)
-    if not steps_done:
-        return _Restored(0, None, keys["train"], DataPosition(0, 0))
-    start = steps_done[-1]
+def _restore_step(config: TrainConfig, devices: Devices, data_fp: str, keys: Mapping[str, jax.Array],
+                  start: int) -> _Restored:
+    """Checkpoint ``start``, checked against this run's settings and data, replicated over the mesh.
+
+    Raises:
+      ConfigError: other settings or data (not a damaged checkpoint: no fallback);
+      CheckpointError: it does not restore or validate.
+    """
     reader = ckpt.make_manager(config.workdir, read_only=True)
     try:
         meta = check_resume(config, reader, start, data_fp)
         imported = is_import_start(meta, start)
+        position = data_position(meta, config.workdir, start)
         saved = train_config_from_identity(config.workdir, meta["identity"]) if imported else config
         template = abstract_state(saved)
         target = parallel.abstract_replicated(ckpt.state_to_tree(template, jax.random.key_data(keys["train"])),
@@ -145,21 +165,84 @@ def _restore(config: TrainConfig, devices: Devices, data_fp: str, keys: Mapping[
         state = state_from_variables(config, {"params": state.params, "batch_stats": state.batch_stats},
                                      ema_params=state.ema_params)
         return _Restored(0, state, keys["train"], DataPosition(0, 0), sampling, meta["imported_from"])
-    return _Restored(start, state, train_key, DataPosition(*meta["data_position"]), sampling)
+    return _Restored(start, state, train_key, DataPosition(*position), sampling)
+
+
+def _restore(config: TrainConfig, devices: Devices, data_fp: str, keys: Mapping[str, jax.Array]) -> _Restored:
+    """The newest checkpoint that restores and validates (:func:`_restore_step`), or a fresh
+    start. Newer ones that do not restore are moved to ``damaged-checkpoints/`` (one line each);
+    if none restores, the newest one's error, and nothing is moved. Runs under the folder's
+    lock; writes nothing else."""
+    steps_done = ckpt.complete_steps(config.workdir)
+    if not steps_done:
+        return _Restored(0, None, keys["train"], DataPosition(0, 0))
+    damaged: list[tuple[int, ckpt.CheckpointError]] = []
+    for start in reversed(steps_done):
+        try:
+            restored = _restore_step(config, devices, data_fp, keys, start)
+            break
+        except ckpt.CheckpointError as e:
+            damaged.append((start, e))
+    else:
+        raise damaged[0][1]
+    for step, e in damaged:
+        if devices.primary:
+            moved = ckpt.move_aside(config.workdir, step)
+            warning(f"{e}; moved it to {moved}, resuming from checkpoint {start}")
+    if damaged and devices.process_count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jax-ddpm: damaged checkpoints moved aside")
+    return restored
+
+
+def _lock(config: TrainConfig, devices: Devices) -> WorkdirLock:
+    """Process 0 takes the folder's lock; every process learns whether it did.
+
+    Raises:
+      ConfigError: another process writes to the folder (every process of this run stops).
+    """
+    lock, failed = WorkdirLock(config.workdir), None
+    if devices.primary:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            failed = e
+    if devices.process_count > 1 and any_process(failed is not None, devices) and failed is None:
+        failed = ConfigError(f"--workdir {config.workdir}: process 0 could not take the work folder's lock "
+                             "(another jax-ddpm process is writing to it)")
+    if failed is not None:
+        raise failed
+    return lock
+
+
+def sample_grid_record(config: TrainConfig, sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """How the sample grids are drawn, as config.json and the checkpoint metadata record it
+    (``sample_grid``): ``sampler``, ``num_steps`` (None: all T) and the sampler's options as
+    given or taken from the run's ``sampling``. Folders written before it drew them with ddpm
+    over all T steps. A record, not part of the identity: ``--sample-*`` may change on resume."""
+    settings = grid_sampler_settings(config, sampling)
+    return {"sampler": config.sample_sampler, "num_steps": settings.pop("num_steps", None), **settings}
 
 
 def _sample_grid_fn(config: TrainConfig, keys: Mapping[str, jax.Array],
                     sampling: Mapping[str, Any]) -> Callable[[TrainState], np.ndarray]:
-    """``grid(state) -> [N, H, W, C]`` samples from fixed x_T and noise (EMA weights, the run's
-    sampling settings: clipped x0 and the posterior variance unless imported otherwise), on
-    one device (``local_copy``), not the whole mesh; compiled at its first call."""
-    sample = make_sample_fn(build_model(config), "ddpm", bn_stats=config.bn_stats, **sampling)
+    """``grid(state) -> [N, H, W, C]`` samples from fixed x_T and noise (EMA weights, the
+    ``--sample-sampler`` and its options, default ddpm over all T steps, with the run's sampling
+    settings: clipped x0 and the posterior variance unless imported otherwise), on one device
+    (``local_copy``), not the whole mesh; compiled at its first call."""
+    sample = make_sample_fn(build_model(config), config.sample_sampler, bn_stats=config.bn_stats,
+                            prediction=config.diffusion.prediction, **grid_sampler_settings(config, sampling))
     x_T = jax.random.normal(jax.random.fold_in(keys["sample"], 0), (config.num_samples,) + image_shape(config))
     noise_key = jax.random.fold_in(keys["sample"], 1)
 
     def grid(state: TrainState) -> np.ndarray:
         state = local_copy(state)
-        return np.asarray(jax.device_get(sample(state.ema_variables, state.schedule, x_T, noise_key)))
+        samples = np.asarray(jax.device_get(sample(state.ema_variables, state.schedule, x_T, noise_key)))
+        if not np.isfinite(samples).all():
+            raise NonFiniteError(f"the sample grid of step {int(jax.device_get(state.step))} is not finite (NaN/inf); "
+                                 "nothing written")
+        return samples
 
     return grid
 
@@ -172,6 +255,7 @@ def _prepare_folder(config: TrainConfig, devices: Devices, start: int, sampling:
     files = RunFiles(config.workdir)
     # the XLA_FLAGS this session ran with (jax-ddpm --xla-flags): a record, not part of the identity
     write_json(files.config, dict(to_dict(config), version=1, parallel=devices.sizes, sampling=dict(sampling),
+                                  sample_grid=sample_grid_record(config, sampling),
                                   xla_flags=os.environ.get("XLA_FLAGS", "")))
     return trim_metrics(files.metrics, start)
 
@@ -201,12 +285,21 @@ def _start(config: TrainConfig, devices: Devices, images: np.ndarray, data_fp: s
 
 
 # ----------------------------------------------------------------------------- the loop's parts
-def _save(loop: _Loop) -> None:
-    """Checkpoint ``loop.step``; called by every process (orbax coordinates a multi-process save)."""
+def _save(loop: _Loop, interrupt: InterruptFlag | None = None) -> None:
+    """Checkpoint ``loop.step``; called by every process (orbax coordinates a multi-process save).
+    A second SIGINT/SIGTERM during the save waits for it (``InterruptFlag.shield``).
+
+    Raises:
+      CheckpointSaveError: the save failed (no space left on device, ...); its temporary folder removed.
+    """
     meta = {"identity": identity(loop.config), "data_fingerprint": loop.data_fp,
             "data_position": list(loop.iterator.position), "num_images": int(loop.images.shape[0]),
-            "parallel": loop.devices.sizes, "sampling": dict(loop.sampling)}
-    ckpt.save(loop.manager, loop.step, ckpt.state_to_tree(loop.state, loop.train_key), meta)
+            "parallel": loop.devices.sizes, "sampling": dict(loop.sampling),
+            "sample_grid": sample_grid_record(loop.config, loop.sampling)}
+    loop.saving = loop.step
+    with interrupt.shield() if interrupt is not None else contextlib.nullcontext():
+        ckpt.save(loop.manager, loop.step, ckpt.state_to_tree(loop.state, loop.train_key), meta)
+    loop.saving = None
     loop.last_good = loop.step
 
 
@@ -259,7 +352,7 @@ def _train_one_step(loop: _Loop) -> None:
     """Draws the next batch (every process the same global indices, its own rows), runs the step."""
     d = loop.devices
     indices = parallel.host_local_batch_indices(loop.iterator.next_indices(), d.process_index, d.process_count)
-    batch = loop.images[indices]  # [B / processes, H, W, C] float32
+    batch = loop.images[indices]  # [B / processes, H, W, C] float32, decoded from the compact set
     if loop.hooks.corrupt_batch is not None:
         batch = loop.hooks.corrupt_batch(loop.step + 1, batch)
     loop.state, metrics = loop.step_fn(loop.state, batch, loop.train_key)
@@ -272,63 +365,98 @@ def _train_one_step(loop: _Loop) -> None:
         loop.restart_timer()
 
 
-def _should_stop(loop: _Loop, interrupt: InterruptFlag, at_boundary: bool) -> bool:
-    """Ctrl-C seen; with several processes only at steps every one of them checks, once all agree."""
+def _agreed_signal(signum: int | None, devices: Devices) -> int | None:
+    """The stop signal any process saw (the same number on every process; an all-gather)."""
+    if devices.process_count == 1:
+        return signum
+    from jax.experimental import multihost_utils
+
+    seen = np.asarray(multihost_utils.process_allgather(np.asarray(signum or 0, np.int32)))
+    return int(seen.max()) or None
+
+
+def _should_stop(loop: _Loop, interrupt: InterruptFlag, at_boundary: bool) -> int | None:
+    """The SIGINT/SIGTERM seen; with several processes only at steps every one of them checks,
+    once all agree."""
     if loop.devices.process_count == 1:
-        return interrupt.raised
-    return at_boundary and any_process(interrupt.raised, loop.devices)
+        return interrupt.signum
+    return _agreed_signal(interrupt.signum, loop.devices) if at_boundary else None
 
 
-def _after_step(loop: _Loop, interrupt: InterruptFlag) -> bool:
-    """Logging, checkpoint, sample grid and progress after a step; True to stop (Ctrl-C)."""
+def _after_step(loop: _Loop, interrupt: InterruptFlag) -> int | None:
+    """Logging, checkpoint, sample grid and progress after a step; the signal to stop on (or None)."""
     c = loop.config
     at_log = loop.step % c.log_every == 0
     at_checkpoint = loop.step % c.checkpoint_every == 0 or loop.step == c.steps
     stop = _should_stop(loop, interrupt, at_log or at_checkpoint)
-    at_checkpoint = at_checkpoint or stop
+    at_checkpoint = at_checkpoint or stop is not None
     if at_log or at_checkpoint:
         _flush_metrics(loop)  # raises NonFiniteLossError before a bad state is saved
     if at_checkpoint:
-        _save(loop)
+        _save(loop, interrupt)
         _plot(loop)
         loop.restart_timer()
-    if c.sample_every and loop.step % c.sample_every == 0 and loop.step < c.steps and not stop:
+    if c.sample_every and loop.step % c.sample_every == 0 and loop.step < c.steps and stop is None:
         if loop.devices.primary:
             os.makedirs(os.path.dirname(loop.files.step_samples(loop.step)), exist_ok=True)
-            save_grid(loop.files.step_samples(loop.step), loop.sample_grid(loop.state))
+            save_grid(loop.files.step_samples(loop.step), loop.sample_grid(loop.state), step=loop.step)
         loop.restart_timer()
     loop.progress.update(loop.step)
     if loop.hooks.after_step is not None:
         loop.hooks.after_step(loop.step)
+    if stop is None and interrupt.again and loop.devices.process_count == 1:
+        # the first signal came during a save, and a second one too: stop now
+        stop = interrupt.signum
+        if loop.last_good != loop.step:
+            _save(loop, interrupt)
     return stop
 
 
 def _run(loop: _Loop) -> int:
-    """Steps until ``--steps`` or Ctrl-C; EXIT_OK or EXIT_INTERRUPTED (a checkpoint saved)."""
+    """Steps until ``--steps`` or a signal; EXIT_OK, or 130 (SIGINT) / 143 (SIGTERM) with a
+    checkpoint saved (or, after a second signal, ``loop.stopped_again`` set)."""
     try:
         with InterruptFlag() as interrupt:
-            while loop.step < loop.config.steps:
-                _train_one_step(loop)
-                if _after_step(loop, interrupt):
-                    return EXIT_INTERRUPTED
+            try:
+                while loop.step < loop.config.steps:
+                    _train_one_step(loop)
+                    stop = _after_step(loop, interrupt)
+                    if stop is not None:
+                        loop.stop_signal = stop
+                        return exit_status(stop)
+            except StopAgain as e:  # a second signal before the checkpoint was saved, or a third during the save
+                loop.stop_signal = loop.stopped_again = interrupt.signum or e.signum
+                return exit_status(loop.stop_signal)
     finally:
         loop.progress.close()
         loop.manager.close()
     return EXIT_OK
 
 
+def _stop_text(signum: int | None) -> str:
+    return "terminated (SIGTERM)" if signum is not None and exit_status(signum) != EXIT_INTERRUPTED else "interrupted"
+
+
 def _finish(loop: _Loop, status: int, stream: TextIO) -> int:
-    """The final grid and plot (or, interrupted, the plot and where the checkpoint is)."""
+    """The final grid and plot (or, stopped by a signal, the plot and where the checkpoint is)."""
     c, primary = loop.config, loop.devices.primary
-    if status == EXIT_INTERRUPTED:
-        _plot(loop, force=True)
+    if loop.stop_signal is not None:
+        where = ckpt.checkpoint_dir(c.workdir)
+        kept = (f"the latest checkpoint is {loop.last_good} in {where}" if loop.last_good is not None
+                else "no checkpoint was saved")
+        if loop.stopped_again is not None:
+            what = (f"checkpoint {loop.saving} was not saved (its partial folder was removed)"
+                    if loop.saving is not None else "no checkpoint was saved at the step reached")
+            text = f"jax-ddpm: {_stop_text(loop.stop_signal)} again; {what}; {kept}"
+        else:
+            _plot(loop, force=True)
+            text = f"jax-ddpm: {_stop_text(loop.stop_signal)}; saved checkpoint {loop.step} in {where}"
         if primary:
-            print(f"jax-ddpm: interrupted; saved checkpoint {loop.step} in {ckpt.checkpoint_dir(c.workdir)}",
-                  file=stream)
+            print(text, file=stream)
         return status
     if primary:
         t0 = time.perf_counter()
-        save_grid(loop.files.samples, loop.sample_grid(loop.state))
+        save_grid(loop.files.samples, loop.sample_grid(loop.state), step=loop.step)
         loop.progress.message(f"sampled {c.num_samples} images in {time.perf_counter() - t0:.1f}s")
         _plot(loop, force=True)
         if not c.quiet:
@@ -338,16 +466,20 @@ def _finish(loop: _Loop, status: int, stream: TextIO) -> int:
 
 def _already_trained(config: TrainConfig, devices: Devices, restored: _Restored, keys: Mapping[str, jax.Array],
                      progress: Progress) -> int:
+    """Nothing to train; the final grid is redrawn unless it is that checkpoint's (killed while
+    drawing it, or left by an earlier, shorter run: ``workdir.grid_is_current``)."""
     files = RunFiles(config.workdir)
-    if devices.primary and not os.path.exists(files.samples):  # killed between the last checkpoint and the grid
-        save_grid(files.samples, _sample_grid_fn(config, keys, restored.sampling)(restored.state))
+    if devices.primary and not grid_is_current(config.workdir, restored.start):
+        save_grid(files.samples, _sample_grid_fn(config, keys, restored.sampling)(restored.state),
+                  step=restored.start)
+        progress.message(f"{files.samples} was not the grid of step {restored.start}: redrew it")
     progress.message(f"{config.workdir}: already at step {restored.start} (--steps {config.steps}); nothing to train")
     return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- entry point
 def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks | None = None) -> int:
-    """Runs ``jax-ddpm train``. Returns the exit status (0, 130 on Ctrl-C).
+    """Runs ``jax-ddpm train``. Returns the exit status (0; 130 on Ctrl-C, 143 on SIGTERM).
 
     Raises:
       ConfigError, DataError, CheckpointError: bad input, before anything in the work
@@ -358,13 +490,20 @@ def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks |
     stream = stream or sys.stderr
     devices = setup_devices(config)  # first: jax.distributed.initialize must precede any other JAX call
     images, data_fp = _load_data(config)
-    keys = run_keys(config.seed)
-    restored = _restore(config, devices, data_fp, keys)  # checks everything before touching the folder
-    progress = Progress(config.steps, config.quiet or not devices.primary, stream)
-    if restored.start >= config.steps:
-        return _already_trained(config, devices, restored, keys, progress)
-    loop = _start(config, devices, images, data_fp, restored, keys, progress, hooks or TrainHooks())
-    return _finish(loop, _run(loop), stream)
+    check_train_target(config.workdir)  # an empty or new folder, or one jax-ddpm wrote
+    lock = _lock(config, devices)  # one writer: held until this process ends
+    try:
+        keys = run_keys(config.seed)
+        restored = _restore(config, devices, data_fp, keys)  # checks everything before writing
+        if devices.primary:
+            lock.record_owner()
+        progress = Progress(config.steps, config.quiet or not devices.primary, stream)
+        if restored.start >= config.steps:
+            return _already_trained(config, devices, restored, keys, progress)
+        loop = _start(config, devices, images, data_fp, restored, keys, progress, hooks or TrainHooks())
+        return _finish(loop, _run(loop), stream)
+    finally:
+        lock.release()
 
 
 __all__ = ["NonFiniteLossError", "PLOT_EVERY_S", "TrainHooks", "train"]

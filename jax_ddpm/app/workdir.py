@@ -8,22 +8,39 @@ A work folder holds::
     samples.png         the final sample grid (EMA weights, DDPM sampler, clipped x0, --bn-stats)
     samples/step_N.png  grids every --sample-every steps
     checkpoints/N/      orbax checkpoints (see jax_ddpm.checkpoint)
+    damaged-checkpoints/N/  checkpoints that did not restore, moved aside by train (never deleted)
+    .jax-ddpm.lock      the writer's lock (WorkdirLock): flock'ed while a train or an import writes here
+
+Guarantees (docs/cli.md, "Guarantees"): one writer per folder (:class:`WorkdirLock`, an OS
+lock that ends with the process, SIGKILL included); ``train`` writes only into an empty or
+new folder or one jax-ddpm wrote (:func:`check_train_target`); resume and the readers
+(``sample``, ``convert``) take the newest checkpoint that restores and validates, falling back
+past damaged ones (:func:`load_run`, ``app.train``); the final grid records its step
+(``images.grid_step``), so a stale one is redrawn.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
 from .. import checkpoint as ckpt
 from .. import parallel
-from ..images import atomic_write
+from ..images import atomic_write, grid_step
 from ..training import TrainState
+from .checks import LOCK_NAME
 from .config import (SAMPLING_DEFAULTS, VARIANCES, ConfigError, TrainConfig, identity, identity_mismatch,
                      train_config_from_identity)
+from .console import warning
+
+READ_ATTEMPTS = 20  # load_run: checkpoints pruned under a reader by a running trainer, retried this often
 
 # Starting ``train`` on an imported folder's checkpoint 0 fine-tunes it: the model and the
 # diffusion must be the import's, except these (they do not change the imported weights' meaning).
@@ -54,6 +71,130 @@ class RunFiles:
 
     def step_samples(self, step: int) -> str:
         return os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.workdir, LOCK_NAME)
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+def _lock_holder(path: str, fd: int) -> str | None:
+    """The PID holding the flock on ``path``: from /proc/locks (Linux), else what the holder wrote."""
+    try:
+        st = os.fstat(fd)
+        want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 6 or parts[1] != "FLOCK" or parts[1] == "->":
+                    continue
+                major, minor, inode = parts[5].split(":")
+                if (int(major, 16), int(minor, 16), int(inode)) == want and parts[4].isdigit():
+                    return parts[4]
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(path) as f:
+            words = f.read().split()
+        return words[0] if words and words[0].isdigit() else None
+    except OSError:
+        return None
+
+
+class WorkdirLock:
+    """An exclusive ``flock`` on ``WORKDIR/.jax-ddpm.lock``, held while this process writes the folder.
+
+    The kernel drops it when the process ends, however it ends (SIGKILL too), so it is never
+    stale; the file itself stays (it is the folder's, empty or holding the last writer's PID).
+    :meth:`acquire` writes nothing into the file: :meth:`record_owner` does, once every
+    check has passed (so a refused run changes nothing there).
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = RunFiles(workdir).lock
+        self.fd: int | None = None
+
+    def acquire(self) -> "WorkdirLock":
+        """Takes the lock (creating the folder and the lock file if needed).
+
+        Raises:
+          ConfigError: another process holds it ("... (PID n) is writing to it").
+        """
+        os.makedirs(self.workdir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock on this filesystem
+                os.close(fd)
+                warning(f"--workdir {self.workdir}: cannot lock it ({e.strerror}); make sure no other jax-ddpm "
+                        "process writes to it")
+                return self
+            holder = _lock_holder(self.path, fd)
+            os.close(fd)
+            who = f"another jax-ddpm process (PID {holder})" if holder else "another jax-ddpm process"
+            raise ConfigError(f"--workdir {self.workdir}: {who} is writing to it (it holds {self.path}); wait for "
+                              "it to finish or stop it, or use another --workdir") from None
+        self.fd = fd
+        return self
+
+    def record_owner(self) -> None:
+        """Writes ``PID hostname`` into the lock file (for the message of a refused second writer)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
+# ----------------------------------------------------------------------------- whose folder
+def _our_config(path: str) -> bool:
+    """Whether ``path`` is a config.json that jax-ddpm wrote (its version and sections)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("version") == 1 and all(k in d for k in ("model", "diffusion", "workdir"))
+
+
+def is_work_folder(workdir: str) -> bool:
+    """Whether jax-ddpm wrote ``workdir``: a finalized checkpoint, its config.json or its lock file."""
+    files = RunFiles(workdir)
+    return os.path.exists(files.lock) or _our_config(files.config) or bool(ckpt.complete_steps(workdir))
+
+
+def check_train_target(workdir: str, option: str = "--workdir") -> None:
+    """``train`` and the imports write only into an absent or empty folder, or one jax-ddpm wrote.
+
+    Raises:
+      ConfigError: a non-empty folder that holds no jax-ddpm run (nothing there is touched).
+    """
+    try:
+        entries = sorted(os.listdir(workdir))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise ConfigError(f"{option} {workdir}: exists and is not a folder") from None
+    if not entries or is_work_folder(workdir):
+        return
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise ConfigError(f"{option} {workdir}: is not empty ({shown}) and holds no jax-ddpm run; use an empty or new "
+                      "folder (nothing in it was changed)")
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -125,20 +266,56 @@ def check_resume(config: TrainConfig, manager, step: int, data_fp: str) -> dict:
                               f"other model or diffusion settings ({diff}); fine-tune with the import's settings "
                               "(convert printed them) or use a new --workdir")
         return meta
-    diff = identity_mismatch(meta.get("identity", {}), identity(config))
+    saved_fp = meta.get("data_fingerprint")
+    # The content fingerprint is the data's identity: a data set moved elsewhere (or a copy) with the same
+    # images resumes; the path is compared only when there is no fingerprint to compare.
+    ignore = ("data.source",) if saved_fp is not None else ()
+    diff = identity_mismatch(meta.get("identity", {}), identity(config), ignore=ignore)
     if diff:
         raise ConfigError(f"--workdir {config.workdir} holds a run with other settings ({diff}); "
                           "resume with the same model, data and optimizer options or use a new --workdir")
-    saved_fp = meta.get("data_fingerprint")
     if saved_fp is not None and saved_fp != data_fp:
         raise ConfigError(f"--data {config.data.source}: the images differ from those the run in --workdir "
                           f"{config.workdir} was trained on (fingerprint {data_fp}, expected {saved_fp})")
+    data_position(meta, config.workdir, step)
     return meta
+
+
+def data_position(meta: dict, workdir: str, step: int) -> tuple[int, int]:
+    """The checkpoint's ``data_position`` ``(epoch, index)``.
+
+    Raises:
+      CheckpointError: missing or not two non-negative integers (a damaged checkpoint).
+    """
+    pos = meta.get("data_position")
+    if (not isinstance(pos, (list, tuple)) or len(pos) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pos)):
+        raise ckpt.CheckpointError(f"{ckpt.checkpoint_dir(workdir)}/{step}: checkpoint metadata has no valid "
+                                   f"data_position (got {pos!r}; expected [epoch, index])")
+    return int(pos[0]), int(pos[1])
 
 
 def holds_run(workdir: str) -> bool:
     """Whether ``workdir`` already has a checkpoint or a config.json."""
     return bool(ckpt.complete_steps(workdir)) or os.path.exists(RunFiles(workdir).config)
+
+
+def grid_is_current(workdir: str, step: int) -> bool:
+    """Whether ``samples.png`` is the grid of checkpoint ``step``: its recorded step
+    (``images.grid_step``) equals ``step``. A grid without the record (written before it
+    existed) counts as current unless it is older than that checkpoint's folder, which is what
+    a run killed while drawing its final grid leaves."""
+    files = RunFiles(workdir)
+    if not os.path.exists(files.samples):
+        return False
+    recorded = grid_step(files.samples)
+    if recorded is not None:
+        return recorded == step
+    try:
+        return os.path.getmtime(files.samples) >= os.path.getmtime(os.path.join(ckpt.checkpoint_dir(workdir),
+                                                                               str(step)))
+    except OSError:
+        return True
 
 
 @dataclass(frozen=True)
@@ -154,22 +331,47 @@ class LoadedRun:
         return sampling_settings(self.meta)
 
 
-def load_run(workdir: str, step: int | None = None) -> LoadedRun:
-    """The TrainState of checkpoint ``step`` (latest if None) on one device, and its config
-    (rebuilt from the checkpoint's identity; fields it lacks at their defaults).
+@dataclass(frozen=True)
+class RecordedRun:
+    """A checkpoint's settings from its metadata alone (no array restored): what a command checks
+    its options against before it loads the weights."""
 
-    Raises:
-      CheckpointError: no checkpoint, no such step, or an unreadable checkpoint.
-    """
+    config: TrainConfig
+    step: int
+    meta: dict
+
+    @property
+    def sampling(self) -> dict:
+        return sampling_settings(self.meta)
+
+
+def recorded_run(workdir: str, step: int | None = None) -> RecordedRun | None:
+    """The settings of checkpoint ``step`` (None: the newest complete one) read from its metadata,
+    or None when there is none or it does not read (``load_run`` then says why, or falls back)."""
     steps = ckpt.complete_steps(workdir)
-    if not steps:
-        raise ckpt.CheckpointError(f"--workdir {workdir}: no checkpoint found (run jax-ddpm train first)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ckpt.CheckpointError(f"--checkpoint-step {step}: no checkpoint for this step in {workdir} "
-                                   f"(have {', '.join(map(str, steps))})")
-    manager = ckpt.make_manager(workdir, read_only=True)
+    if not steps or (step is not None and step not in steps):
+        return None
+    step = steps[-1] if step is None else step
+    try:
+        manager = ckpt.make_manager(workdir, read_only=True)
+        try:
+            meta = ckpt.restore_meta(manager, step)
+        finally:
+            manager.close()
+        recorded = RecordedRun(config=train_config_from_identity(workdir, meta["identity"]), step=step, meta=meta)
+        recorded.sampling  # readable
+        return recorded
+    except Exception:  # a damaged or changing checkpoint: load_run decides
+        return None
+
+
+def _restore_step(workdir: str, step: int) -> LoadedRun:
+    """Checkpoint ``step`` restored onto one device, with its config. Raises CheckpointError."""
+    try:
+        manager = ckpt.make_manager(workdir, read_only=True)
+    except Exception as e:  # the folder changed while orbax listed it
+        raise ckpt.CheckpointError(f"{ckpt.checkpoint_dir(workdir)}: cannot read the checkpoints "
+                                   f"({ckpt.error_text(e)})") from None
     try:
         meta = ckpt.restore_meta(manager, step)
         try:
@@ -189,6 +391,63 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     return LoadedRun(config=config, step=step, state=state, meta=meta)
 
 
-__all__ = ["FINE_TUNE_FREE", "FINE_TUNE_FREE_ARCH_FIELDS", "LoadedRun", "RunFiles", "append_metrics", "check_resume",
-           "holds_run", "is_import_start", "load_run", "read_metrics", "sampling_settings", "trim_metrics",
+def _listing_after_failure(workdir: str, step: int) -> list[int]:
+    """The steps listed after checkpoint ``step`` failed to restore: if it is still listed, a
+    moment later again (a trainer's prune may be deleting it right now)."""
+    steps = ckpt.complete_steps(workdir)
+    for pause in (0.05, 0.2, 0.5):
+        if step not in steps:
+            break
+        time.sleep(pause)
+        steps = ckpt.complete_steps(workdir)
+    return steps
+
+
+def load_run(workdir: str, step: int | None = None,
+             on_damaged: Callable[[str], None] | None = warning) -> LoadedRun:
+    """The TrainState of checkpoint ``step`` (latest if None) on one device, and its config
+    (rebuilt from the checkpoint's identity; fields it lacks at their defaults).
+
+    The latest is the newest checkpoint that restores: one that a running trainer prunes while
+    it is read is skipped (the listing is read again), one that is damaged is passed over
+    with one line to ``on_damaged`` (it stays where it is: readers change nothing). A step
+    given explicitly is that one or an error.
+
+    Raises:
+      CheckpointError: no checkpoint, no such step, or no checkpoint that restores (the
+        newest one's error).
+    """
+    steps = ckpt.complete_steps(workdir)
+    if not steps:
+        raise ckpt.CheckpointError(f"--workdir {workdir}: no checkpoint found (run jax-ddpm train first)")
+    if step is not None:
+        if step not in steps:
+            raise ckpt.CheckpointError(f"--checkpoint-step {step}: no checkpoint for this step in {workdir} "
+                                       f"(have {', '.join(map(str, steps))})")
+        return _restore_step(workdir, step)
+    damaged: dict[int, ckpt.CheckpointError] = {}
+    for _ in range(READ_ATTEMPTS):
+        candidates = [s for s in reversed(steps) if s not in damaged]
+        if not candidates:
+            break
+        try:
+            run = _restore_step(workdir, candidates[0])
+        except ckpt.CheckpointError as e:
+            steps = _listing_after_failure(workdir, candidates[0])
+            if candidates[0] in steps:  # still listed: damaged, not pruned
+                damaged[candidates[0]] = e
+            continue
+        if damaged and on_damaged is not None:
+            newest = max(damaged)
+            on_damaged(f"{damaged[newest]}; using checkpoint {run.step}, the newest that restores")
+        return run
+    if damaged:
+        raise damaged[max(damaged)]
+    raise ckpt.CheckpointError(f"--workdir {workdir}: the checkpoints kept changing while they were read "
+                               f"({READ_ATTEMPTS} attempts); try again")
+
+
+__all__ = ["FINE_TUNE_FREE", "FINE_TUNE_FREE_ARCH_FIELDS", "LoadedRun", "RecordedRun", "RunFiles", "WorkdirLock", "append_metrics",
+           "check_resume", "check_train_target", "data_position", "grid_is_current", "holds_run", "is_import_start",
+           "is_work_folder", "load_run", "read_metrics", "recorded_run", "sampling_settings", "trim_metrics",
            "write_json"]
