@@ -1,0 +1,127 @@
+"""Steps to quality: each sampler at several step counts on one trained work folder, scored by `jax-ddpm eval`.
+
+    python -m benchmarks.steps_to_quality --workdir runs/digits [--num 1000] [--out docs/steps-to-quality]
+
+Every configuration is one `jax-ddpm eval` process (same seed: the same x_T; the same
+classifier from the per-user cache), so its wall time holds what a user waits for: start-up,
+loading, compiling the chain and sampling ``--num`` images (``wall_s.sampling`` in eval.json
+is the sampling part alone, compile included). Writes OUT.json (every eval.json, as measured),
+OUT.md (the table) and OUT.png (FID ratio against sampling wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# (sampler, network calls); None = all T steps
+DEFAULT_GRID = (("ddpm", None), ("ddpm", 50), ("ddpm", 20), ("ddim", 50), ("ddim", 25), ("ddim", 10),
+                ("dpmpp_2m", 20), ("dpmpp_2m", 10))
+
+
+def _parse_grid(text: str) -> tuple[tuple[str, int | None], ...]:
+    out = []
+    for item in text.split(","):
+        name, _, steps = item.strip().partition(":")
+        out.append((name, None if steps in ("", "all") else int(steps)))
+    return tuple(out)
+
+
+def run_one(workdir: str, sampler: str, steps: int | None, num: int, seed: int) -> dict:
+    """One `jax-ddpm eval` in its own process; its eval.json plus the process's wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "eval.json")
+        cmd = [sys.executable, "-m", "jax_ddpm.cli", "eval", "--workdir", workdir, "--sampler", sampler,
+               "--num", str(num), "--seed", str(seed), "--json", out]
+        if steps is not None:
+            cmd += ["--num-steps", str(steps)]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd[2:])} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        result = json.load(open(out))
+    result["process_wall_s"] = round(wall, 2)
+    result["requested"] = {"sampler": sampler, "num_steps": steps}
+    return result
+
+
+def _calls(r: dict) -> int:
+    return r["requested"]["num_steps"] or r["sampling"]["timesteps"]
+
+
+def render_markdown(results: list[dict], header: str) -> str:
+    base = next((r for r in results if r["requested"] == {"sampler": "ddpm", "num_steps": None}), results[0])
+    lines = [header, "",
+             "| sampler | network calls | FID | FID / floor | confident (real) | classes | largest class | "
+             "sampling s | speed-up vs ddpm all T |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['requested']['sampler']} | {_calls(r)} | {r['fid']:.1f} | {r['fid_ratio']:.1f}× | "
+                     f"{r['confident']:.1%} ({r['real_confident']:.1%}) | {r['coverage']}/{r['num_classes']} | "
+                     f"{r['largest_class_share']:.1%} | {r['wall_s']['sampling']:.1f} | "
+                     f"{base['wall_s']['sampling'] / r['wall_s']['sampling']:.1f}× |")
+    floor = results[0]
+    lines += ["", f"Floor (real vs real, {floor['num_samples']} images, {floor['fid_floor_draws']} draws): "
+              f"{floor['fid_floor']:.2f} ± {floor['fid_floor_std']:.2f}. Sampling seconds include compiling the "
+              "chain (eval.json `wall_s.sampling`)."]
+    return "\n".join(lines) + "\n"
+
+
+def render_png(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    for name in dict.fromkeys(r["requested"]["sampler"] for r in results):
+        rows = sorted((r for r in results if r["requested"]["sampler"] == name), key=_calls)
+        ax.plot([r["wall_s"]["sampling"] for r in rows], [r["fid_ratio"] for r in rows], "o-", label=name)
+        for r in rows:
+            ax.annotate(str(_calls(r)), (r["wall_s"]["sampling"], r["fid_ratio"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"sampling wall time for {results[0]['num_samples']} images, s (log)")
+    ax.set_ylabel("FID / real-vs-real floor")
+    ax.set_title("steps to quality (labels: network calls)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=_parse_grid, default=DEFAULT_GRID,
+                   help="sampler:steps,... (steps 'all' = T), default: " +
+                        ",".join(f"{n}:{s or 'all'}" for n, s in DEFAULT_GRID))
+    p.add_argument("--out", default=os.path.join("docs", "steps-to-quality"), help="OUT.json, OUT.md, OUT.png")
+    p.add_argument("--note", default="", help="a line under the table's title (machine, load, how the run was made)")
+    args = p.parse_args(argv)
+    results = []
+    for sampler, steps in args.grid:
+        r = run_one(args.workdir, sampler, steps, args.num, args.seed)
+        print(f"{sampler} {steps or 'all'}: FID {r['fid']:.2f} ({r['fid_ratio']:.1f}x floor), "
+              f"sampling {r['wall_s']['sampling']:.1f} s", flush=True)
+        results.append(r)
+        with open(args.out + ".json", "w") as f:  # rewritten after every configuration
+            json.dump({"note": args.note, "results": results}, f, indent=1)
+    header = f"# Steps to quality\n\n`python -m benchmarks.steps_to_quality --workdir {args.workdir} --num {args.num}`"
+    header += f"\n\n{args.note}" if args.note else ""
+    with open(args.out + ".md", "w") as f:
+        f.write(render_markdown(results, header))
+    render_png(results, args.out + ".png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
