@@ -1,7 +1,8 @@
-"""``python -m benchmarks`` / ``jax-ddpm bench``: jax_ddpm against torch_ref on this machine.
+"""``python -m benchmarks`` / ``jax-ddpm bench``: jax_ddpm against torch_ref and diffusers on this machine.
 
-    python -m benchmarks --quick                 # a few minutes' smoke run (no torch.compile)
-    python -m benchmarks                         # full run: both sizes, train + sampling, torch.compile
+    python -m benchmarks --quick                 # a smoke run under 2 minutes (no torch.compile)
+    python -m benchmarks                         # full run: every size, train + sampling, torch.compile
+    python -m benchmarks --sizes unet2d-digits,unet2d-cifar10   # jax_ddpm vs diffusers only
     python -m benchmarks --device cuda --out DIR
     python -m benchmarks --render FILE.json      # Markdown + PNG again from a (partial) JSON
 
@@ -30,9 +31,11 @@ from jax_ddpm import xla_flags
 from jax_ddpm.models.convolutions import CONV_IMPLS
 from jax_ddpm.parallel import DTYPES
 
+from .cases import DEFAULT_SIZES, QUICK_SIZES, SIZES
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-SIZE_NAMES = ("digits", "chapter", "probe")
+SIZE_NAMES = tuple(SIZES)
 TASKS = ("train", "sample")
 
 
@@ -46,12 +49,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jax-ddpm bench", description="Benchmark jax_ddpm against torch_ref (train step, sampling).")
+    p = _Parser(prog="jax-ddpm bench",
+                description="Benchmark jax_ddpm against torch_ref and diffusers (train step, sampling).")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when torch and JAX both see one)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (created if missing)")
     p.add_argument("--quick", action="store_true",
                    help="small batches, few reps, 10-step chains, no torch.compile, no memory probe")
-    p.add_argument("--sizes", default="digits,chapter", help=f"comma list of {', '.join(SIZE_NAMES)}")
+    p.add_argument("--sizes", help=f"comma list of {', '.join(SIZE_NAMES)} (default {','.join(DEFAULT_SIZES)}; "
+                                   f"--quick: {','.join(QUICK_SIZES)})")
     p.add_argument("--tasks", default="train,sample", help="comma list of train, sample")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (jax compute dtype / torch autocast)")
     p.add_argument("--torch-compile", default="auto", help="on, off, or auto (on unless --quick)")
@@ -61,7 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-batch", help="large sampling batch per size, comma list (batch 1 is always run)")
     p.add_argument("--reps", type=str, help="timed train steps per implementation (default 7; quick 3)")
     p.add_argument("--sample-reps", type=str, help="timed chains per implementation (default 3; quick 2)")
-    p.add_argument("--sample-timesteps", type=str, help="T of the sampling chains (default: the size's T; quick 10)")
+    p.add_argument("--sample-timesteps", type=str,
+                   help="T of the chapter sizes' chains (default: the size's T; quick 10); for unet2d sizes the "
+                        "step count of every --samplers chain given without one")
+    p.add_argument("--samplers",
+                   help="unet2d sizes' chains: comma list of SAMPLER[:STEPS], SAMPLER a jax_ddpm.samplers name "
+                        "(one not registered is skipped with the reason); default per size and device, "
+                        "benchmarks/cases.py SAMPLE_PLANS")
     p.add_argument("--xla-flags", default="auto",
                    help="appended to XLA_FLAGS (checked in a subprocess first); 'auto': on CPU, "
                         f"{xla_flags.CPU_XLA_FLAGS} where this jaxlib accepts it; 'none': nothing")
@@ -101,6 +112,47 @@ def _per_size(opt: str, text: str | None, sizes: Sequence[str]) -> tuple[int, ..
     if len(values) != len(sizes):
         raise UsageError(f"{opt} needs one value per size ({', '.join(sizes)}), got {text!r}")
     return values
+
+
+def _samplers(text: str | None) -> tuple[tuple[str, int | None], ...] | None:
+    """``--samplers ddpm:100,ddim`` -> ``(('ddpm', 100), ('ddim', None))``."""
+    if text is None:
+        return None
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        name, _, steps = item.partition(":")
+        if not name or not (name.replace("_", "").isalnum()):
+            raise UsageError(f"--samplers must be a comma list of SAMPLER[:STEPS], got {text!r}")
+        out.append((name, _positive("--samplers steps", steps, 1) if steps else None))
+    if len({n for n, _ in out}) != len(out):
+        raise UsageError(f"--samplers lists a sampler twice: {text!r}")
+    return tuple(out)
+
+
+def _check_samplers(samplers, sizes: Sequence[str], sample_t: int | None, quick: bool) -> None:
+    """Step counts the user gave (``--samplers NAME:STEPS``, or ``--sample-timesteps`` for the
+    unet2d chains) that a size cannot run: more steps than its T, or settings a registered
+    jax_ddpm sampler refuses; one line, exit 2. Names not registered are not an error here:
+    their rows are skipped with the reason."""
+    from jax_ddpm import samplers as registry
+
+    from .cases import SAMPLE_PLANS
+
+    check = getattr(registry, "check_options", None)
+    for size in (SIZES[s] for s in sizes if SIZES[s].arch == "unet2d"):
+        wanted = samplers or tuple((n, None) for n, _, _ in SAMPLE_PLANS[("cpu", quick)].get(size.name, ()))
+        for name, steps in wanted:
+            n = steps or sample_t
+            if n is None:
+                continue
+            where = f"{name}:{n} ({size.name}, T = {size.timesteps})"
+            if n > size.timesteps:
+                raise UsageError(f"--samplers {where}: more steps than the schedule's T")
+            if check is not None and name in getattr(registry, "SAMPLERS", ()):
+                try:
+                    check(name, size.timesteps, num_steps=n)
+                except ValueError as exc:
+                    raise UsageError(f"--samplers {where}: {exc}") from None
 
 
 def _setup_environment(args, device_hint: str) -> None:
@@ -181,7 +233,8 @@ def _run(args) -> int:
     requested = args.device.lower()
     if requested not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or auto, got {args.device!r}")
-    sizes = _choices("--sizes", args.sizes, SIZE_NAMES)
+    sizes = _choices("--sizes", args.sizes, SIZE_NAMES) if args.sizes else (QUICK_SIZES if args.quick
+                                                                            else DEFAULT_SIZES)
     tasks = _choices("--tasks", args.tasks, TASKS)
     (dtype,) = _choices("--dtype", args.dtype, DTYPES)
     conv_impls = _choices("--jax-conv-impl", args.jax_conv_impl, CONV_IMPLS)
@@ -195,6 +248,8 @@ def _run(args) -> int:
     sample_t = _positive("--sample-timesteps", args.sample_timesteps, 0) if args.sample_timesteps else None
     if sample_t is not None and sample_t < 2:
         raise UsageError(f"--sample-timesteps must be >= 2, got {args.sample_timesteps!r}")
+    samplers = _samplers(args.samplers)
+    _check_samplers(samplers, sizes, sample_t, args.quick)
     if args.tag and not all(c.isalnum() or c in "-_." for c in args.tag):
         raise UsageError(f"--tag must be letters, digits, '-', '_' or '.', got {args.tag!r}")
     out = _out_dir(args.out)
@@ -208,6 +263,7 @@ def _run(args) -> int:
                       torch_compile=(tc == "on") or (tc == "auto" and not args.quick), jax_conv_impls=conv_impls,
                       train_batches=train_batches, sample_batches=sample_batches, train_reps=reps,
                       train_warmup=1 if args.quick else 2, sample_reps=sample_reps, sample_timesteps=sample_t,
+                      samplers=samplers,
                       peak_n=(8192 if device == "cuda" else (1024 if args.quick else 2048)),
                       peak_reps=3 if args.quick else 5, memory_probe=not (args.no_memory_probe or args.quick))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")

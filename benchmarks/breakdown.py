@@ -1,6 +1,7 @@
 """Where a train step's time goes: forward, forward + backward, and the whole step, per framework.
 
     python -m benchmarks.breakdown [--size probe] [--batch 32] [--reps 5] [--jax-conv-impl auto]
+    python -m benchmarks.breakdown --size unet2d-cifar10 --batch 8     # jax_ddpm vs diffusers
 
 Times, interleaved in one process on the same weights and batch (train mode, fixed t and noise):
 
@@ -9,7 +10,8 @@ Times, interleaved in one process on the same weights and batch (train mode, fix
 * ``forward+backward``: the loss and its gradient (JAX: jitted ``value_and_grad``; torch:
   ``loss.backward()``);
 * ``step``: the whole train step with Adam (JAX: jitted, donated ``train_step_with_noise``;
-  torch: ``torch_ref.training.train_step``).
+  torch: ``torch_ref.training.train_step``; for the unet2d sizes diffusers' UNet2DModel with
+  the same eps-MSE loss and torch Adam, ``benchmarks.diffusers_runner``).
 
 backward = (forward+backward) - forward and optimizer = step - (forward+backward) are
 differences of medians, printed as such. XLA_FLAGS is used as the caller set it (compare
@@ -26,8 +28,54 @@ import numpy as np
 from .measure import helper_parser, parse_helper_args, time_interleaved
 
 
+def _torch_phases(size, base, x0, t, noise):
+    """(forward, forward+backward, step) callables of the torch reference: torch_ref's U-Net
+    and train step for the chapter's sizes; diffusers' UNet2DModel, add_noise, eps-MSE and
+    torch Adam for the unet2d sizes (``benchmarks.diffusers_runner``)."""
+    import torch
+
+    if size.arch == "unet2d":
+        import torch.nn.functional as F
+
+        from . import diffusers_runner
+
+        model, sched, opt, _, _ = diffusers_runner._train_parts(base, size, x0.shape[0], "cpu", 0)
+
+        def loss():
+            return F.mse_loss(model(sched.add_noise(x0, noise, t), t).sample, noise)
+
+        def step():
+            diffusers_runner.eps_mse_step(model, sched, opt, x0, t, noise, "float32", "cpu")
+    else:
+        from torch_ref.diffusion import DiffusionProcess
+        from torch_ref.training import loss_fn as torch_loss_fn
+        from torch_ref.training import make_optimizer, train_step
+
+        model = base.train()
+        diffusion = DiffusionProcess(size.timesteps)
+        opt = make_optimizer(model, lr=1e-3)
+
+        def loss():
+            return torch_loss_fn(model, diffusion, x0, t, noise)
+
+        def step():
+            train_step(model, diffusion, opt, x0, t=t, noise=noise)
+
+    def forward():
+        with torch.no_grad():
+            loss()
+
+    def backward():
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+
+    return forward, backward, step
+
+
 def main(argv=None) -> int:
-    p = helper_parser("breakdown", __doc__, size="probe", batch=32, reps=5)
+    from .cases import SIZES
+
+    p = helper_parser("breakdown", __doc__, size="probe", batch=32, reps=5, sizes=tuple(SIZES))
     p.add_argument("--jax-conv-impl", default="auto", choices=("auto", "xla", "decomposed"))
     args = parse_helper_args(p, argv, ("batch", "reps"))
 
@@ -37,36 +85,22 @@ def main(argv=None) -> int:
 
     from jax_ddpm import training
     from jax_ddpm.schedules import make_schedule
-    from torch_ref.diffusion import DiffusionProcess
-    from torch_ref.training import loss_fn as torch_loss_fn
-    from torch_ref.training import make_optimizer, train_step
 
     from . import cases
+    from .suite import reference_side
 
     size = cases.SIZES[args.size]
     b = args.batch
-    base = cases.torch_model(size, "cpu")
-    variables = cases.jax_variables(base)
+    side = reference_side(size, "cpu")
+    if side.missing:
+        print(f"python -m benchmarks.breakdown: error: {side.missing}", file=sys.stderr)
+        return 1
+    base, variables, _ = side.build(b)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(b, size.channels, size.image_size, size.image_size, generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.randint(0, size.timesteps, (b,), generator=gen)
-
-    # torch
-    model = base.train()
-    diffusion = DiffusionProcess(size.timesteps)
-    opt = make_optimizer(model, lr=1e-3)
-
-    def t_forward():
-        with torch.no_grad():
-            torch_loss_fn(model, diffusion, x0, t, noise)
-
-    def t_backward():
-        model.zero_grad(set_to_none=True)
-        torch_loss_fn(model, diffusion, x0, t, noise).backward()
-
-    def t_step():
-        train_step(model, diffusion, opt, x0, t=t, noise=noise)
+    t_forward, t_backward, t_step = _torch_phases(size, base, x0, t, noise)
 
     # jax (NHWC)
     jm = cases.jax_model(size, "float32", args.jax_conv_impl)
@@ -74,7 +108,7 @@ def main(argv=None) -> int:
     jx0 = jnp.asarray(x0.permute(0, 2, 3, 1).numpy())
     jnoise = jnp.asarray(noise.permute(0, 2, 3, 1).numpy())
     jt = jnp.asarray(t.numpy().astype(np.int32))
-    params, stats = variables["params"], variables["batch_stats"]
+    params, stats = variables["params"], variables.get("batch_stats")
     loss = jax.jit(lambda p, s: training.loss_fn(p, s, jm.apply, schedule, jx0, jt, jnoise)[0])
     grad = jax.jit(jax.value_and_grad(lambda p, s: training.loss_fn(p, s, jm.apply, schedule, jx0, jt, jnoise)[0]))
     state = cases.jax_train_state(variables, size, "float32", args.jax_conv_impl)

@@ -6,8 +6,13 @@ memory). Builders never raise: a failure (torch.compile without a compiler, out 
 ...) becomes a runner with ``error`` set, and the run goes on.
 
 Both frameworks start from the same torch-initialised weights (converted with
-``jax_ddpm.convert``), draw their own t and noise on the device inside the timed call, and
-use Adam(1e-3) with torch's defaults.
+``jax_ddpm.convert``; for the ``unet2d`` sizes a diffusers ``UNet2DModel`` read back with
+``jax_ddpm.load_diffusers``, ``benchmarks.diffusers_runner``), draw their own t and noise on
+the device inside the timed call, and use Adam(1e-3) with torch's defaults.
+
+The reference a size is compared with follows its architecture: torch_ref (impls ``torch``,
+``torch.compile``) for the chapter's U-Net, diffusers (``diffusers``, ``diffusers+compile``)
+for ``unet2d`` (:func:`reference_impls`).
 """
 from __future__ import annotations
 
@@ -28,23 +33,36 @@ from .measure import REPO, _err, current_rss_bytes, peak_rss_bytes, torch_flops,
 @dataclasses.dataclass(frozen=True)
 class ModelSize:
     """One U-Net configuration of the benchmark; ``arch`` names its entry in
-    ``jax_ddpm.models.registry`` (the JAX side is built from there)."""
+    ``jax_ddpm.models.registry`` (the JAX side is built from there). ``features`` are the
+    chapter's feature widths or unet2d's ``block_out_channels``; ``arch_config`` is the
+    unet2d config as JSON (``ModelConfig.arch_config``'s format; missing keys take
+    diffusers' defaults)."""
 
     name: str
     image_size: int
     channels: int
-    features: tuple[int, int, int, int]
+    features: tuple[int, ...]
     timesteps: int
     note: str
     arch: str = "chapter"
     time_emb_dim: int = 32
+    arch_config_json: str = ""
 
     def arch_config(self):
-        """The architecture's config for this size (``Architecture.config_from_fields``)."""
+        """The architecture's config for this size (``Architecture.config_from_fields``, given
+        the fields the architecture reads: ``Architecture.fields``)."""
         from jax_ddpm.models.registry import get_arch
 
-        return get_arch(self.arch).config_from_fields(self.channels, features=self.features,
-                                                      time_emb_dim=self.time_emb_dim)
+        arch = get_arch(self.arch)
+        given = {"features": self.features, "time_emb_dim": self.time_emb_dim, "arch_config": self.arch_config_json}
+        return arch.config_from_fields(self.channels, **{k: v for k, v in given.items() if k in arch.fields})
+
+
+def _unet2d_json(**config) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+_D, _AD, _U, _AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 
 
 SIZES = {
@@ -54,19 +72,62 @@ SIZES = {
                          "the chapter's U-Net: 64x64x3, features 64-512, T=100 (20.3.3)"),
     "probe": ModelSize("probe", 32, 3, (64, 128, 256, 512), 100,
                        "issue 5's CPU probe: the chapter's U-Net at 32x32x3"),
+    # jax_ddpm.models.unet2d.default_config(1): what `jax-ddpm train --arch unet2d` builds
+    "unet2d-digits": ModelSize(
+        "unet2d-digits", 16, 1, (32, 64, 64), 200,
+        "unet2d's digits default (jax-ddpm train --arch unet2d): 16x16x1, 32,64,64, attention at 4x4, T=200",
+        arch="unet2d", arch_config_json=""),
+    # google/ddpm-cifar10-32's config.json (35.75 M parameters), T = 1000 as its scheduler
+    "unet2d-cifar10": ModelSize(
+        "unet2d-cifar10", 32, 3, (128, 256, 256, 256), 1000,
+        "google/ddpm-cifar10-32's architecture (Ho et al.): 32x32x3, 128,256,256,256, attention at 16x16, T=1000",
+        arch="unet2d", arch_config_json=_unet2d_json(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
+            layers_per_block=2, down_block_types=[_D, _AD, _D, _D], up_block_types=[_U, _AU, _U, _U],
+            attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, downsample_padding=0,
+            flip_sin_to_cos=False, freq_shift=1)),
 }
-DEFAULT_SIZES = ("digits", "chapter")
+DEFAULT_SIZES = ("digits", "chapter", "unet2d-digits", "unet2d-cifar10")
+QUICK_SIZES = ("digits", "chapter", "unet2d-digits")  # --quick's default: one unet2d size
 
 # (train batch, sampling batches) by (device, quick). CPU batches are the ones the CLI and the
 # chapter use; the large sampling batch on CPU is kept small enough for a T-step chain to
 # take tens of seconds. --quick samples the chapter's model at batch 1 only, 10-step chains.
 BATCHES = {
-    ("cpu", False): {"digits": (64, (1, 64)), "chapter": (8, (1, 4)), "probe": (32, (1, 8))},
-    ("cpu", True): {"digits": (16, (1, 16)), "chapter": (2, (1,)), "probe": (8, (1,))},
-    ("cuda", False): {"digits": (256, (1, 256)), "chapter": (64, (1, 64)), "probe": (128, (1, 128))},
-    ("cuda", True): {"digits": (64, (1, 64)), "chapter": (16, (1, 16)), "probe": (32, (1, 32))},
+    ("cpu", False): {"digits": (64, (1, 64)), "chapter": (8, (1, 4)), "probe": (32, (1, 8)),
+                     "unet2d-digits": (64, (1, 16)), "unet2d-cifar10": (8, (1, 8))},
+    ("cpu", True): {"digits": (16, (1, 16)), "chapter": (2, (1,)), "probe": (8, (1,)),
+                    "unet2d-digits": (16, (1,)), "unet2d-cifar10": (2, (1,))},
+    ("cuda", False): {"digits": (256, (1, 256)), "chapter": (64, (1, 64)), "probe": (128, (1, 128)),
+                      "unet2d-digits": (256, (1, 256)), "unet2d-cifar10": (128, (1, 128))},
+    ("cuda", True): {"digits": (64, (1, 64)), "chapter": (16, (1, 16)), "probe": (32, (1, 32)),
+                     "unet2d-digits": (64, (1, 64)), "unet2d-cifar10": (32, (1, 32))},
 }
 QUICK_SAMPLE_TIMESTEPS = 10
+
+# Sampling chains of the unet2d sizes: (jax_ddpm sampler name, steps, batches or None), each run
+# by jax_ddpm's compiled chain and by the matching diffusers scheduler loop
+# (benchmarks.diffusers_runner); batches None = the size's sampling batches (BATCHES: 1 and the
+# large one). Step counts are each sampler's usual ones where a CPU run affords them: DDPM the
+# full T for the digits model and 50 respaced steps (DDPMPipeline's num_inference_steps) for
+# the 1000-step CIFAR-10 model, DDIM 50, DPM-Solver++ 20; on the CPU the CIFAR-10 model runs
+# its large batch for the 20-step chain only, so that a full CPU run of both unet2d sizes stays
+# near 15 minutes. The chapter's sizes keep torch_ref's full-T DDPM chain. A name not
+# registered in jax_ddpm.samplers is skipped with a reason (--samplers).
+SAMPLE_PLANS = {
+    ("cpu", False): {"unet2d-digits": (("ddpm", 200, None), ("ddim", 50, None), ("dpmpp_2m", 20, None)),
+                     "unet2d-cifar10": (("ddpm", 50, (1,)), ("ddim", 50, (1,)), ("dpmpp_2m", 20, None))},
+    ("cpu", True): {"unet2d-digits": (("ddim", 10, None),), "unet2d-cifar10": (("ddim", 10, None),)},
+    ("cuda", False): {"unet2d-digits": (("ddpm", 200, None), ("ddim", 50, None), ("dpmpp_2m", 20, None)),
+                      "unet2d-cifar10": (("ddpm", 1000, (1,)), ("ddim", 50, None), ("dpmpp_2m", 20, None))},
+    ("cuda", True): {"unet2d-digits": (("ddim", 50, None), ("dpmpp_2m", 20, None)),
+                     "unet2d-cifar10": (("ddim", 50, None), ("dpmpp_2m", 20, None))},
+}
+
+
+def reference_impls(size: ModelSize) -> tuple[str, str]:
+    """(eager, compiled) names of the torch implementation a size is compared with."""
+    return ("diffusers", "diffusers+compile") if size.arch == "unet2d" else ("torch", "torch.compile")
 
 
 @dataclasses.dataclass
@@ -77,6 +138,7 @@ class Runner:
     run: Callable[[], None] | None = None
     info: dict = dataclasses.field(default_factory=dict)   # first_call_s, compile_s, xla cost, memory, notes
     error: str | None = None
+    skipped: str | None = None   # not run, and why (not an error: e.g. a sampler not registered yet)
 
 
 def _sync(device: str) -> Callable[[], None]:
@@ -340,10 +402,27 @@ def jax_train_runner(variables: dict, size: ModelSize, batch: int, dtype: str, c
         return Runner(impl, error=_err(exc))
 
 
+def jax_sampler_missing(name: str) -> str | None:
+    """Why jax_ddpm cannot run sampler ``name`` (not registered in ``jax_ddpm.samplers``), or None."""
+    from jax_ddpm import samplers
+
+    try:
+        samplers.get_sampler(name)
+    except ValueError as exc:
+        return f"sampler {name!r} is not registered in jax_ddpm.samplers ({exc})"
+    return None
+
+
 def jax_sample_runner(variables: dict, size: ModelSize, batch: int, timesteps: int, dtype: str, conv_impl: str,
-                      seed: int = 2) -> Runner:
-    """The whole ancestral chain as one compiled program (``make_sample_fn``: lax.scan over T)."""
+                      seed: int = 2, sampler: str = "ddpm", num_steps: int | None = None) -> Runner:
+    """The whole chain as one compiled program (``make_sample_fn``: one lax.scan): sampler
+    ``sampler`` (``jax_ddpm.samplers.get_sampler``) over ``num_steps`` steps (None: all
+    ``timesteps``) of a ``timesteps``-step linear schedule. Skipped, with the reason, when the
+    sampler is not registered."""
     impl = jax_impl_name(conv_impl)
+    why = jax_sampler_missing(sampler)
+    if why:
+        return Runner(impl, skipped=why)
     try:
         import jax
         import jax.numpy as jnp
@@ -352,7 +431,7 @@ def jax_sample_runner(variables: dict, size: ModelSize, batch: int, timesteps: i
         from jax_ddpm.schedules import make_schedule
 
         model = jax_model(size, dtype, conv_impl)
-        sample = make_sample_fn(model, "ddpm")
+        sample = make_sample_fn(model, sampler, num_steps=None if num_steps in (None, timesteps) else num_steps)
         schedule = make_schedule(timesteps, "linear")
         key = jax.random.PRNGKey(seed)
         x_T = jax.random.normal(key, (batch, size.image_size, size.image_size, size.channels), jnp.float32)
@@ -399,6 +478,11 @@ def _rss_probe_main(spec: dict) -> int:
     from torch_ref.training import make_optimizer, train_step
 
     size, batch = SIZES[spec["size"]], int(spec["batch"])
+    if size.arch == "unet2d":
+        from . import diffusers_runner
+
+        print(json.dumps(diffusers_runner.rss_probe_main(size, batch, spec["dtype"])))
+        return 0
     model = torch_model(size, "cpu")
     diffusion = DiffusionProcess(size.timesteps)
     optimizer = make_optimizer(model, lr=1e-3)
@@ -418,7 +502,8 @@ def state_bytes(variables: dict) -> dict:
     import jax
 
     p = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(variables["params"]))
-    b = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(variables["batch_stats"]))
+    b = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+            for x in jax.tree_util.tree_leaves(variables.get("batch_stats") or {}))
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
     return {"num_params": n, "params_bytes": p, "adam_moments_bytes": 2 * p, "batch_stats_bytes": b}
 

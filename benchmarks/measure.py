@@ -27,12 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- helper scripts
 
 def helper_parser(module: str, doc: str, *, size: str | None = None, batch: int | None = None,
-                  reps: int = 5) -> argparse.ArgumentParser:
+                  reps: int = 5, sizes: Sequence[str] = ("digits", "chapter", "probe")) -> argparse.ArgumentParser:
     """The command line the helper scripts (``python -m benchmarks.<module>``) share:
-    ``--size`` and ``--batch`` (when given defaults) and ``--reps``."""
+    ``--size`` (one of ``sizes``) and ``--batch`` (when given defaults) and ``--reps``."""
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc.splitlines()[0])
     if size is not None:
-        p.add_argument("--size", default=size, choices=("digits", "chapter", "probe"))
+        p.add_argument("--size", default=size, choices=tuple(sizes))
     if batch is not None:
         p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--reps", type=int, default=reps)

@@ -40,6 +40,17 @@ def _memory_cell(row: dict) -> str:
     return ""
 
 
+COMPILED_IMPLS = ("torch.compile", "diffusers+compile")
+
+
+def refs_of(row: dict) -> tuple[str, str]:
+    """(eager, compiled) reference impl names of a row: diffusers for the unet2d sizes, torch_ref else."""
+    if row.get("size", "").startswith("unet2d") or "diffusers" in row.get("vs", {}) or \
+            row.get("impl", "").startswith("diffusers"):
+        return "diffusers", "diffusers+compile"
+    return "torch", "torch.compile"
+
+
 def _ratio_cell(row: dict, ref: str) -> str:
     v = row.get("vs", {}).get(ref)
     if not v:
@@ -49,7 +60,7 @@ def _ratio_cell(row: dict, ref: str) -> str:
 
 
 def _cpu_ratio_cell(row: dict) -> str:
-    v = row.get("vs", {}).get("torch", {})
+    v = row.get("vs", {}).get(refs_of(row)[0], {})
     return f"{v['cpu_ratio_median']:.2f}x" if "cpu_ratio_median" in v else ""
 
 
@@ -62,7 +73,7 @@ def _cpu_cell(row: dict) -> str:
 def _compile_cell(row: dict) -> str:
     if "compile_s" in row:
         return f"{row['lower_s'] + row['compile_s']:.1f} (+{row.get('first_call_s', 0):.1f})"
-    if row["impl"] == "torch.compile" and "first_call_s" in row:
+    if row["impl"] in COMPILED_IMPLS and "first_call_s" in row:
         return f"{row['first_call_s']:.1f} (1st call)"
     if "first_call_s" in row:
         return f"- ({row['first_call_s']:.1f})"
@@ -77,7 +88,9 @@ def _peak_cell(row: dict) -> str:
 def markdown(results: dict) -> str:
     """The run as Markdown: header (date, machine, versions), peaks, one table per task, errors."""
     env, cfg = results["environment"], results["config"]
-    lines = [f"# jax_ddpm vs torch_ref benchmark, {env['device']}, {env['date_utc']}", ""]
+    refs = sorted({s.get("reference", "torch_ref") for s in results.get("sizes", {}).values()} or {"torch_ref"},
+                  key=("torch_ref", "diffusers").index)
+    lines = [f"# jax_ddpm vs {' and '.join(refs)} benchmark, {env['device']}, {env['date_utc']}", ""]
     machine = env.get("gpu") or env.get("cpu")
     lines += [f"- machine: {machine}, {env.get('cpu_count')} CPU cores; {env.get('platform')}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
@@ -105,31 +118,43 @@ def markdown(results: dict) -> str:
     lines += ["## Sizes", "", "| size | image | features | T | params | train GFLOP/step (counted) | "
               "forward GFLOP/image |", "|---|---|---|---|---|---|---|"]
     for name, s in results.get("sizes", {}).items():
+        fl = s["counted_flops"]
+        train_gf = f"{fl['train_step'] / 1e9:.2f} (batch {s['train_batch']})" if fl.get("train_step") else "n/a"
+        fwd_gf = f"{fl['forward_per_image'] / 1e9:.3f}" if fl.get("forward_per_image") else "n/a"
         lines.append(f"| {name} | {s['image_size']}x{s['image_size']}x{s['channels']} | "
                      f"{','.join(map(str, s['features']))} | {s['timesteps']} | {s['state']['num_params']:,} | "
-                     f"{s['counted_flops']['train_step'] / 1e9:.2f} (batch {s['train_batch']}) | "
-                     f"{s['counted_flops']['forward_per_image'] / 1e9:.3f} |")
+                     f"{train_gf} | {fwd_gf} |")
     lines.append("")
-    header = ("| size | batch | impl | median ms | IQR | best ms | images/s | vs torch eager | vs torch.compile | "
-              "vs torch eager, CPU-s | compile s (1st call) | GFLOP/s | % of peak | CPU-s/call (cores busy) | memory |")
+    if any(s.get("reference") == "diffusers" for s in results.get("sizes", {}).values()):
+        lines += ["References: torch_ref's U-Net (`torch`, `torch.compile`) for the chapter's sizes; diffusers' "
+                  "`UNet2DModel` with the same eps-MSE loss and torch Adam (`diffusers`, `diffusers+compile`) for "
+                  "the unet2d sizes, on the same weights (read back with `jax_ddpm.load_diffusers`). "
+                  "'vs eager' and 'vs compiled' compare with the reference of the row's size.", ""]
+    header = ("| size | batch | impl | median ms | IQR | best ms | images/s | vs eager | vs compiled | "
+              "vs eager, CPU-s | compile s (1st call) | GFLOP/s | % of peak | CPU-s/call (cores busy) | memory |")
     for task, title in (("train", "Train step (images/s = batch / median step time)"),
-                        ("sample", "Sampling: a whole T-step chain (images/s = batch / median chain time)")):
+                        ("sample", "Sampling: a whole chain (images/s = batch / median chain time)")):
         rows = [r for r in results.get("rows", []) if r["task"] == task]
         if not rows:
             continue
         lines += [f"## {title}", "", header, "|" + "---|" * 15]
         for r in rows:
-            size = r["size"] + (f", T={r['timesteps']}" if "timesteps" in r else "")
+            size = r["size"] + _chain_label(r)
+            if r.get("skipped"):
+                lines.append(f"| {size} | {r['batch']} | {r['impl']} | skipped: {r['skipped']} |" + " |" * 11)
+                continue
             if r.get("error"):
                 lines.append(f"| {size} | {r['batch']} | {r['impl']} | error: {r['error']} |" + " |" * 11)
                 continue
             t = r["timing"]
+            eager, compiled = refs_of(r)
             lines.append(f"| {size} | {r['batch']} | {r['impl']} | {t['median_s'] * 1e3:.1f} | "
                          f"{t['iqr_rel'] * 100:.0f}% | {t['min_s'] * 1e3:.1f} | {r['images_per_s']:.1f} | "
-                         f"{_ratio_cell(r, 'torch')} | {_ratio_cell(r, 'torch.compile')} | {_cpu_ratio_cell(r)} | "
+                         f"{_ratio_cell(r, eager)} | {_ratio_cell(r, compiled)} | {_cpu_ratio_cell(r)} | "
                          f"{_compile_cell(r)} | {r.get('gflops_per_s', float('nan')):.1f} | {_peak_cell(r)} | "
                          f"{_cpu_cell(r)} | {_memory_cell(r)} |")
         lines.append("")
+    lines += _time_to_samples(results)
     lines += ["Ratios are speed ratios (images/s of the row / images/s of the reference): median time "
               "of the reference over median time of the row, [quartiles of the per-round ratios]; "
               "'CPU-s' compares the process CPU seconds (all threads) per call instead, the work each "
@@ -143,9 +168,45 @@ def markdown(results: dict) -> str:
     notes = sorted({f"{r['impl']}: {n}" for r in results.get("rows", []) for n in r.get("notes", [])})
     full = sorted({f"{r['impl']} {r['task']} {r['size']}: {r['error_full_compile']}"
                    for r in results.get("rows", []) if r.get("error_full_compile")})
-    if notes or full or results.get("errors"):
-        lines += ["## Notes and errors", ""] + [f"- {n}" for n in notes + full + results.get("errors", [])] + [""]
+    skipped = [f"skipped: {n}" for n in results.get("skipped", [])]
+    flops_notes = [f"{name}: FLOPs from {s['counted_flops']['source']}" for name, s in results.get("sizes", {}).items()
+                   if s.get("counted_flops", {}).get("source")]
+    flops_notes += [f"{name}: FLOPs include the attention products (q k^T, p v) FlopCounterMode misses on CPU, "
+                    f"{s['counted_flops']['attention_core_forward_per_image'] / 1e6:.1f} MFLOP per image forward"
+                    for name, s in results.get("sizes", {}).items()
+                    if s.get("counted_flops", {}).get("attention_added")]
+    extra = notes + full + flops_notes + results.get("errors", []) + skipped
+    if extra:
+        lines += ["## Notes and errors", ""] + [f"- {n}" for n in extra] + [""]
     return "\n".join(lines)
+
+
+def _chain_label(row: dict) -> str:
+    """', T=100' for the chapter's chains; ', ddim 50 steps' for the unet2d chains."""
+    if row.get("task") != "sample" or "timesteps" not in row:
+        return ""
+    if row.get("size", "").startswith("unet2d") and "sampler" in row:
+        return f", {row['sampler']} {row['timesteps']} steps"
+    return f", T={row['timesteps']}"
+
+
+def _time_to_samples(results: dict) -> list[str]:
+    """Wall seconds per 64 samples of every sampling row (64 / images per second), and the
+    quality slot: the seam where "time to a good sample" joins a quality metric (not measured
+    here: the weights are random; see benchmarks/README.md)."""
+    rows = [r for r in results.get("rows", []) if r["task"] == "sample" and not r.get("error")
+            and not r.get("skipped") and r.get("images_per_s")]
+    if not rows:
+        return []
+    out = ["## Time to 64 samples (seconds of wall time, from the median chain; compile time apart)", "",
+           "| size, chain | impl | batch | s per 64 samples | quality |", "|---|---|---|---|---|"]
+    for r in rows:
+        q = r.get("quality") or {}
+        qcell = ", ".join(f"{k} {v:.3g}" for k, v in q.items() if isinstance(v, (int, float))) or \
+            q.get("status", "not measured (random weights)")
+        out.append(f"| {r['size']}{_chain_label(r)} | {r['impl']} | {r['batch']} | {64 / r['images_per_s']:.2f} | "
+                   f"{qcell} |")
+    return out + [""]
 
 
 def _load(v) -> str:
@@ -166,34 +227,40 @@ def chart(results: dict, path: Path) -> None:
     for r in results["rows"]:
         if r["impl"] not in impls:
             impls.append(r["impl"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
+    def key_of(r):
+        return (r["size"], r["batch"], r.get("timesteps"), r.get("sampler"))
+
+    group_lists = {task: list(dict.fromkeys(key_of(r) for r in results["rows"] if r["task"] == task))
+                   for task in tasks}
+    widths = [max(6.5, 0.9 * len(group_lists[t]) * max(1, len(impls)) / 3) for t in tasks]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(sum(widths), 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, task in zip(axes[0], tasks):
-        groups = []
-        for r in results["rows"]:
-            key = (r["size"], r["batch"], r.get("timesteps"))
-            if r["task"] == task and key not in groups:
-                groups.append(key)
+        groups = group_lists[task]
         width = 0.8 / max(len(impls), 1)
         for j, impl in enumerate(impls):
             xs, ys = [], []
             for g, key in enumerate(groups):
                 for r in results["rows"]:
-                    if (r["task"], r["size"], r["batch"], r.get("timesteps"), r["impl"]) == (task, *key, impl) \
-                            and not r.get("error"):
+                    if r["task"] == task and key_of(r) == key and r["impl"] == impl \
+                            and not r.get("error") and not r.get("skipped"):
                         xs.append(g + (j - (len(impls) - 1) / 2) * width)
                         ys.append(r["images_per_s"])
             ax.bar(xs, ys, width, label=impl, color=colors[j % len(colors)])
             for x, y in zip(xs, ys):
                 ax.text(x, y, f"{y:.3g}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{s}\nbatch {b}" + (f", T={t}" if t else "") for s, b, t in groups], fontsize=8)
+        ax.set_xticklabels([f"{s}\nbatch {b}" + (f"\n{m} {t}" if m and s.startswith("unet2d") else
+                                                  f", T={t}" if t else "") for s, b, t, m in groups], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("images / s (log)")
         ax.set_title({"train": "train step", "sample": "sampling (whole chain)"}[task])
         ax.legend(fontsize=8)
     env = results["environment"]
-    fig.suptitle(f"jax_ddpm vs torch_ref, {env['device']} ({env.get('gpu') or env.get('cpu')}), "
+    refs = " and ".join(sorted({s.get("reference", "torch_ref") for s in results.get("sizes", {}).values()}
+                               or {"torch_ref"}, key=("torch_ref", "diffusers").index))
+    fig.suptitle(f"jax_ddpm vs {refs}, {env['device']} ({env.get('gpu') or env.get('cpu')}), "
                  f"{results['config']['dtype']}, {env['date_utc'][:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
