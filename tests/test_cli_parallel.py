@@ -223,6 +223,7 @@ def test_distributed_start_failure_is_one_line(tmp_path, tmp_path_factory, flag,
 
 
 # ----------------------------------------------------------------------------- bfloat16
+@pytest.mark.slow  # 25-75 s; the bf16 step itself is measured by tests/test_bf16.py (in the two-device worker)
 def test_bfloat16_trains_through_the_sharded_step(tmp_path, tmp_path_factory, reference_run):
     workdir = tmp_path / "bf16"
     done = subprocess.run(train_cmd(workdir, "--dtype", "bfloat16", steps=5, every=5),
