@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -41,7 +40,6 @@ from ..models.arch import ArchConfigError, Architecture
 from ..models.registry import ARCH_NAMES, DEFAULT_ARCH, get_arch
 from ..parallel import DTYPES
 from ..parameterization import PREDICTIONS
-from ..samplers import SPACINGS, check_options, get_sampler
 from ..sampling import BN_STATS, SAMPLERS
 from ..schedules import BETA_END, BETA_START, MIN_TIMESTEPS, SCHEDULES
 from .arch_options import (ARCH_CONFIG_FIELD, NOT_COMPARED_FIELDS, UNET2D_FIELD_OPTIONS, arch_config_from_args,
@@ -51,13 +49,13 @@ from .checks import existing_file as _existing_file, existing_folder, int_list
 from .checks import finite_float as _finite_float, new_folder, non_negative as _non_negative
 from .checks import not_run_file as _not_run_file, out_file as _out_file, positive as _positive, resolve_data_source
 from .checks import seed as _seed, workdir_path as _workdir
+from .sampler_options import SAMPLER_OPTION_NAMES, sampler_option_names, sampler_options_from_args, sampler_settings
 
 # What a run samples with unless ``sample`` says otherwise (checkpoint metadata ``sampling``;
 # runs trained here and folders written before it: the posterior variance, clipped x0).
 SAMPLING_DEFAULTS: dict[str, Any] = {"variance": "beta_tilde", "clip_denoised": True}
 # The sampler options the command sets (``sample --num-steps ...``, ``train --sample-num-steps ...``),
 # by the library's names; which sampler has which is the sampler module's ``OPTIONS`` (num_steps: all).
-SAMPLER_OPTION_NAMES = ("num_steps", "eta", "timestep_spacing", "steps_offset", "variance", "clip_denoised")
 
 
 @dataclass(frozen=True)
@@ -355,7 +353,7 @@ def train_config_from_args(args: Any) -> TrainConfig:
                         ema_decay=_finite_float("--ema-decay", args.ema_decay, 0.0, 1.0),
                         grad_clip=_finite_float("--grad-clip", args.grad_clip, 0.0))
     grid_sampler = _choice("--sample-sampler", getattr(args, "sample_sampler", "ddpm"), SAMPLERS)
-    grid = {f"sample_{k}": v for k, v in _sampler_given(args, "sample_").items()}
+    grid = {f"sample_{k}": v for k, v in sampler_options_from_args(args, "sample_").items()}
     config = TrainConfig(workdir=_workdir(args.workdir), model=model, diffusion=diffusion, data=data, optim=optim,
                        sample_sampler=grid_sampler, **grid,
                        seed=_seed("--seed", args.seed), steps=_positive("--steps", args.steps),
@@ -389,75 +387,13 @@ def _betas_from_args(args: Any, schedule: str) -> dict[str, float]:
     return {k: _finite_float("--" + k.replace("_", "-"), v, 0.0, 1.0, low_open=True) for k, v in given.items()}
 
 
-def sampler_option_names(sampler: str) -> tuple[str, ...]:
-    """The options sampler ``sampler`` takes: ``num_steps`` (every sampler) and its module's ``OPTIONS``."""
-    return ("num_steps",) + tuple(getattr(sys.modules[get_sampler(sampler).__module__], "OPTIONS", ()))
-
-
-def _option_error(message: str, flag) -> str:
-    """A sampler's ValueError with the option it names spelled as the command's flag."""
-    for name in SAMPLER_OPTION_NAMES:
-        if message.startswith(name + " "):
-            return flag(name) + message[len(name):]
-    found = sorted((message.find(name), name) for name in SAMPLER_OPTION_NAMES if name in message)
-    return f"{flag(found[0][1] if found else 'sampler')}: {message}"
-
-
-def sampler_settings(sampler: str, given: Mapping[str, Any], run_sampling: Mapping[str, Any],
-                     timesteps: int | None = None, *, prediction: str = "eps", prefix: str = "--") -> dict[str, Any]:
-    """The library options of ``sampler`` (``make_sample_fn(model, sampler, ..., **settings)``):
-    the options ``given`` (``SAMPLER_OPTION_NAMES``; None = not given), and the run's
-    ``variance`` / ``clip_denoised`` (``run_sampling``) where the sampler has them and they are not
-    given; everything else at the sampler's own default. With ``timesteps`` (T), the result is
-    checked by ``samplers.check_options`` (nothing is built or run).
-
-    ``prefix`` spells the options in messages: ``--`` (``sample --eta``), ``--sample-``
-    (``train --sample-eta``); the sampler itself is ``{prefix}sampler``.
-
-    Raises:
-      ConfigError: one line naming the option: one the sampler does not have, or a value it refuses.
-    """
-    def flag(name: str) -> str:
-        return prefix + name.replace("_", "-")
-
-    have = sampler_option_names(sampler)
-    for name in SAMPLER_OPTION_NAMES:
-        if given.get(name) is not None and name not in have:
-            others = [s for s in SAMPLERS if name in sampler_option_names(s)]
-            names = others[0] if len(others) == 1 else f"{', '.join(others[:-1])} and {others[-1]}"
-            which = f" ({flag('sampler')} {names} {'has' if len(others) == 1 else 'have'})" if others else ""
-            raise ConfigError(f"{flag(name)}: {flag('sampler')} {sampler} has no such setting{which}")
-    settings = {k: v for k, v in given.items() if v is not None}
-    for name in ("variance", "clip_denoised"):
-        if name in have and name not in settings:
-            settings[name] = run_sampling[name]
-    if timesteps is not None:
-        try:
-            check_options(sampler, timesteps, prediction=prediction, **settings)
-        except ValueError as e:
-            raise ConfigError(_option_error(" ".join(str(e).split()), flag)) from None
-    return settings
-
-
-def _sampler_given(args: Any, prefix: str = "") -> dict[str, Any]:
-    """``--[sample-]num-steps``, ``--[sample-]eta``, ``--[sample-]timestep-spacing`` and
-    ``--[sample-]steps-offset`` from a namespace (None = not given), each checked on its own."""
-    flag = "--" + prefix.replace("_", "-")
-    num_steps, eta, spacing, offset = (getattr(args, prefix + name, None)
-                                       for name in ("num_steps", "eta", "timestep_spacing", "steps_offset"))
-    return {"num_steps": None if num_steps is None else _positive(flag + "num-steps", num_steps),
-            "eta": None if eta is None else _finite_float(flag + "eta", eta, 0.0),
-            "timestep_spacing": None if spacing is None else _choice(flag + "timestep-spacing", spacing, SPACINGS),
-            "steps_offset": None if offset is None else _non_negative(flag + "steps-offset", offset)}
-
-
 def sample_config_from_args(args: Any) -> SampleConfig:
     """Validates the ``sample`` namespace. Raises ConfigError (one line)."""
     workdir = _workdir(args.workdir)
     out = _not_run_file("--out", args.out, _out_file("--out", args.out, (".png", ".npz")), workdir)
     batch_size = getattr(args, "batch_size", None)
     config = SampleConfig(workdir=workdir, out=out, batch_size=None if batch_size is None else
-                        _positive("--batch-size", batch_size), **_sampler_given(args),
+                        _positive("--batch-size", batch_size), **sampler_options_from_args(args),
                         num=_positive("--num", args.num), seed=_seed("--seed", args.seed),
                         sampler=_choice("--sampler", args.sampler, SAMPLERS),
                         step=checkpoint_step_from_args(args),

@@ -23,7 +23,7 @@ import numpy as np
 from .checks import ConfigError, checkpoint_step_from_args, choice, existing_file, out_file, positive, seed
 from .checks import workdir_path
 from .config import BN_STATS, SAMPLERS, VARIANCES, SampleConfig
-from .config import _sampler_given as sampler_options_from_args  # --num-steps, --eta, ... checked as for sample
+from .sampler_options import sampler_options_from_args  # --num-steps, --eta, ... checked as for sample
 
 DEFAULT_NUM = 1000  # samples drawn with --workdir (docs/quality.md: the FID's noise against time)
 EVAL_FILE = "eval.json"
