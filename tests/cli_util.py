@@ -6,8 +6,11 @@ folder, so only the first run pays for compiling the tiny model's programs.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 TINY = ["--features", "8,16,32,64", "--image-size", "8", "--timesteps", "10", "--batch-size", "16",
         "--ema-decay", "0.9", "--num-samples", "16", "--log-every", "5", "--quiet"]
@@ -66,3 +69,17 @@ def shared_run(tmp_path_factory):
                                   timeout=600)
             assert done.returncode == 0, done.stderr.decode()[-2000:]
     return workdir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The shared run as a fixture (a test module imports ``trained`` and ``run_copy`` to use them)."""
+    return shared_run(tmp_path_factory)
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A private copy of the shared run, to change or break."""
+    wd = tmp_path / "run"
+    shutil.copytree(trained, wd)
+    return wd

@@ -18,23 +18,11 @@ import jax
 import numpy as np
 import pytest
 
-from cli_util import SHARED_STEPS, cli_env, shared_run, train_cmd
+from cli_util import SHARED_STEPS, cli_env, run_copy, train_cmd, trained  # noqa: F401 (trained, run_copy: fixtures)
 from jax_ddpm import checkpoint as ckpt
 from jax_ddpm.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return shared_run(tmp_path_factory)
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    wd = tmp_path / "run"
-    shutil.copytree(trained, wd)
-    return wd
 
 
 def _truncate_state(workdir, step):

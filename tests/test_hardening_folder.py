@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_util import SHARED_STEPS, shared_run, train_cmd
+from cli_util import SHARED_STEPS, run_copy, train_cmd, trained  # noqa: F401 (trained, run_copy: fixtures)
 from jax_ddpm import checkpoint as ckpt
 from jax_ddpm.cli import main
 
@@ -50,18 +49,6 @@ def _fails(argv, capsys, status=2) -> str:
 def _train(workdir, *more, steps=SHARED_STEPS) -> list[str]:
     """In-process argv of the shared run's command (no XLA-flag probe: JAX is already up here)."""
     return train_cmd(workdir, "--xla-flags", "none", *more, steps=steps)[3:]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return shared_run(tmp_path_factory)
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    wd = tmp_path / "run"
-    shutil.copytree(trained, wd)
-    return wd
 
 
 # ----------------------------------------------------------------------------- item 1: one writer
