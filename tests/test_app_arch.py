@@ -25,6 +25,7 @@ def gn_registered(monkeypatch):
     monkeypatch.setitem(registry.ARCHITECTURES, GN_ARCH.name, GN_ARCH)
 
 
+@pytest.mark.slow  # 27 s; --arch unet2d (no BatchNorm) goes through the command in tests/test_cli_unet2d.py
 def test_a_model_without_batch_stats_trains_converts_and_samples(gn_registered, tmp_path, capsys):
     model = check_arch(ModelConfig(arch=GN_ARCH.name, image_size=8, channels=1))
     workdir = str(tmp_path / "run")

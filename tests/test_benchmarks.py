@@ -170,6 +170,7 @@ def test_gemm_bound_shapes_match_torch_flop_counter(batch):
     assert sum(lbl.endswith(" dx") for lbl in labels) == sum(lbl.endswith(" dw") for lbl in labels) - 1
 
 
+@pytest.mark.slow  # 5-16 s
 def test_conv_layers_times_the_same_math_in_jax_and_torch():
     """benchmarks.conv_layers times, per recorded convolution, JAX (jax_ddpm's formulation and
     XLA's own) and torch on the same data: their outputs and gradients must agree, or the

@@ -336,6 +336,7 @@ def test_export_refuses_a_non_empty_folder_and_the_chapter(exported, reference, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 13 s; the default tests import and resume unet2d runs
 def test_the_reimported_export_fine_tunes(exported, tmp_path, tmp_path_factory, capsys):
     """convert --from-diffusers, then the train command it prints (other lr and seed: allowed)."""
     workdir = tmp_path / "imported"

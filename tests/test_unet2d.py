@@ -362,6 +362,7 @@ GRAD_CONFIG = UNet2DConfig(sample_size=8, in_channels=3, out_channels=3, block_o
                            flip_sin_to_cos=False, freq_shift=1)
 
 
+@pytest.mark.slow  # 10 s; the default parity rows compare every gradient with diffusers
 def test_gradients_match_torch_autograd():
     """d/dparams sum(out * g), float64 both sides: per tensor max|ours - torch| / max|torch|
     measured <= 3.5e-8 (bound 1e-7; the float32 sinusoids again, as in the forward pass).
