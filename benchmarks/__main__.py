@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers",
                    help="unet2d sizes' chains: comma list of SAMPLER[:STEPS], SAMPLER a jax_ddpm.samplers name "
                         "(one not registered is skipped with the reason); default per size and device, "
-                        "benchmarks/cases.py SAMPLE_PLANS")
+                        "benchmarks/sizes.py SAMPLE_PLANS")
     p.add_argument("--xla-flags", default="auto",
                    help="appended to XLA_FLAGS (checked in a subprocess first); 'auto': on CPU, "
                         f"{xla_flags.CPU_XLA_FLAGS} where this jaxlib accepts it; 'none': nothing")

@@ -9,8 +9,8 @@ eager. The chapter's sizes: ``jax/bn-autodiff`` (BatchNorm's forward differentia
 autodiff instead of ``layers.batch_norm_train``'s closed-form ``custom_vjp``),
 ``jax/strided-s2d`` (every 4x4 stride-2 convolution in the space-to-depth form, as before
 ``convolutions._strided_4x4``) and ``torch`` (torch_ref eager). The unet2d sizes:
-``jax/gn-autodiff`` (GroupNorm's forward, ``unet2d.group_norm``, differentiated by autodiff
-instead of ``unet2d.group_norm_vjp``'s closed form), ``jax/gn-grouped`` (GroupNorm as first
+``jax/gn-autodiff`` (GroupNorm's forward, ``group_norm.group_norm``, differentiated by autodiff
+instead of ``group_norm.group_norm_vjp``'s closed form), ``jax/gn-grouped`` (GroupNorm as first
 written: a [B, N, G, C/G] view reduced over two axes, autodiff) and ``diffusers`` (diffusers'
 UNet2DModel eager, ``benchmarks.diffusers_runner``). Prints one Markdown table (median ms,
 speed ratios with the quartiles of the per-round ratios, and the median process CPU time per
@@ -39,12 +39,13 @@ def _grouped_group_norm(xs, scale, bias, groups, eps):
 
 
 def _swaps(size):
-    """(row name, module, attribute, replacement) per ablation of ``size``'s architecture."""
-    from jax_ddpm.models import convolutions, layers, unet2d
+    """(row name, module, attribute, replacement) per ablation of ``size``'s architecture; the
+    module is the one whose globals the swapped function is read from (``GroupNorm``'s own)."""
+    from jax_ddpm.models import convolutions, group_norm, layers
 
     if size.arch == "unet2d":
-        return (("jax/gn-autodiff", unet2d, "group_norm_vjp", unet2d.group_norm),
-                ("jax/gn-grouped", unet2d, "group_norm_vjp", _grouped_group_norm))
+        return (("jax/gn-autodiff", group_norm, "group_norm_vjp", group_norm.group_norm),
+                ("jax/gn-grouped", group_norm, "group_norm_vjp", _grouped_group_norm))
 
     def autodiff_batch_norm(x, scale, bias, epsilon):
         mean, var, rstd = layers._batch_norm_stats(x, epsilon)

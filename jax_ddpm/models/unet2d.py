@@ -1,11 +1,13 @@
 """diffusers' ``UNet2DModel`` (Ho et al.'s DDPM U-Net) as a Flax Linen module, NHWC, and its
 registry entry ``ARCH`` (arch ``unet2d``).
 
-The configuration is :class:`UNet2DConfig`, whose fields are diffusers 0.42.1's
-``UNet2DModel.__init__`` arguments with their names, meanings and defaults, so a diffusers
-``config.json`` maps onto it key for key (``jax_ddpm.diffusers_io``). What this port does not
-implement is refused in ``__post_init__`` with :class:`~jax_ddpm.models.arch.ArchConfigError`
-naming the field and the value; nothing is approximated.
+The configuration is :class:`UNet2DConfig` (:mod:`jax_ddpm.models.unet2d_config`), whose
+fields are diffusers 0.42.1's ``UNet2DModel.__init__`` arguments with their names, meanings
+and defaults, so a diffusers ``config.json`` maps onto it key for key
+(``jax_ddpm.diffusers_io``). What this port does not implement is refused in
+``__post_init__`` with :class:`~jax_ddpm.models.arch.ArchConfigError` naming the field and the
+value; nothing is approximated. GroupNorm is :mod:`jax_ddpm.models.group_norm`, the weight
+table :mod:`jax_ddpm.models.unet2d_weights`; this module re-exports their names.
 
 Module names are diffusers' attribute paths with ``.`` before an index written ``_``
 (``down_blocks.0.resnets.1.conv1`` -> ``down_blocks_0/resnets_1/conv1``; the attention's
@@ -17,23 +19,27 @@ nothing about diffusion.
 """
 from __future__ import annotations
 
-import json
 import math
-from functools import partial
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .arch import ArchConfigError, Architecture, WeightRow
+from .arch import ArchConfigError, Architecture, WeightRow  # noqa: F401 (ArchConfigError, WeightRow: re-exported)
 from .convolutions import decomposed_conv, resolve_conv_impl
+# GroupNorm lives in group_norm; the blocks below read it from this module's globals, so that a
+# swap of ``unet2d.GroupNorm`` reaches every block (parity_tests/test_can_fail.py)
+from .group_norm import GroupNorm, group_norm, group_norm_stats, group_norm_vjp
+from .group_norm import stats_dtype as _stats_dtype
 from .layers import torch_bias_init, torch_kernel_init
 
-# the config lives in unet2d_config; its public names are re-exported here
+# the config, its metadata form and its defaults live in unet2d_config, the weight table in
+# unet2d_weights; their public names are re-exported here
 from .unet2d_config import (ACT_FNS, CONFIG_FIELDS, DOWN_BLOCK_TYPES, METADATA_KEY, MID_BLOCK_TYPES,  # noqa: F401
-                            UP_BLOCK_TYPES, UNet2DConfig, channel_plan, config_from_dict)
+                            UP_BLOCK_TYPES, UNet2DConfig, channel_plan, config_from_dict, config_from_fields,
+                            default_config, from_metadata, to_metadata)
+from .unet2d_weights import _flax_path, weight_table  # noqa: F401 (_flax_path: benchmarks/unet2d_ops.py)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -50,101 +56,6 @@ def _dense(features: int, fan_in: int, *, dtype: Any, name: str) -> nn.Dense:
     """torch's ``Linear`` (default init)."""
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=torch_kernel_init(fan_in),
                     bias_init=torch_bias_init(fan_in), name=name)
-
-
-def _stats_dtype(dtype) -> Any:
-    """float32 for float32/bf16/fp16 activations, float64 for float64 ones."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _per_group(per_channel: jnp.ndarray, groups: int, count: int) -> jnp.ndarray:
-    """[B, C] sums per channel -> [B, 1, C]: each channel's group total divided by ``count``."""
-    b, c = per_channel.shape
-    g = per_channel.reshape(b, groups, c // groups).sum(-1) / count                 # [B, G]
-    return jnp.repeat(g, c // groups, axis=1)[:, None, :]
-
-
-def group_norm_stats(xs: jnp.ndarray, groups: int, eps: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(mean, 1 / sqrt(var + eps)) of each (image, group) of ``xs`` [B, N, C], as [B, 1, C].
-
-    Two passes, the biased variance of ``x - mean`` (not E[x^2] - E[x]^2, which loses digits
-    when |mean| >> std). Each sum is taken per channel over the N pixels first ([B, N, C] ->
-    [B, C], channels contiguous), then over the channels of a group: the same sums as over
-    the [N, C/G] block at once, in another order; on XLA:CPU faster than reducing a
-    [B, N, G, C/G] view over its axes 1 and 3 (forward + autodiff gradient: 1.3x over a
-    CIFAR-10 model's step; benchmarks/README.md, "unet2d gap").
-    """
-    count = xs.shape[1] * (xs.shape[2] // groups)
-    mean = _per_group(jnp.sum(xs, axis=1), groups, count)
-    centered = xs - mean
-    var = _per_group(jnp.sum(centered * centered, axis=1), groups, count)
-    return mean, jax.lax.rsqrt(var + eps)
-
-
-def group_norm(xs: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, groups: int, eps: float) -> jnp.ndarray:
-    """``(xs - mean) / sqrt(var + eps) * scale + bias`` per (image, group); ``xs`` [B, N, C]."""
-    mean, rstd = group_norm_stats(xs, groups, eps)
-    return (xs - mean) * rstd * scale + bias
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm_vjp(xs: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, groups: int, eps: float) -> jnp.ndarray:
-    """:func:`group_norm` with its gradient written out (a ``custom_vjp``), for training.
-
-    With ``xhat = (x - mean) * rstd`` and ``g = dy * scale``, per (image, group) of n values:
-    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``dscale = sum(dy * xhat)``,
-    ``dbias = sum(dy)`` over images and pixels. The same derivative as autodiff of the
-    forward (as ``layers.batch_norm_train``'s), in one reduction pass and one elementwise pass
-    over x and dy instead of the chain autodiff leaves, which XLA:CPU ran ~2x slower
-    (benchmarks/README.md, "unet2d gap"). Forward-mode differentiation (``jax.jvp``) is not
-    available through it: the model uses it in training mode only.
-    """
-    return group_norm(xs, scale, bias, groups, eps)
-
-
-def _group_norm_fwd(xs, scale, bias, groups, eps):
-    mean, rstd = group_norm_stats(xs, groups, eps)
-    return (xs - mean) * rstd * scale + bias, (xs, mean, rstd, scale)
-
-
-def _group_norm_bwd(groups, eps, res, dy):
-    xs, mean, rstd, scale = res
-    count = xs.shape[1] * (xs.shape[2] // groups)
-    xhat = (xs - mean) * rstd
-    dbias_b = jnp.sum(dy, axis=1)                                                    # [B, C]
-    dscale_b = jnp.sum(dy * xhat, axis=1)                                            # [B, C]
-    mean_g = _per_group(dbias_b * scale, groups, count)                              # mean(g)
-    mean_gx = _per_group(dscale_b * scale, groups, count)                            # mean(g * xhat)
-    dx = rstd * (dy * scale - mean_g - xhat * mean_gx)
-    return dx, jnp.sum(dscale_b, axis=0), jnp.sum(dbias_b, axis=0)
-
-
-group_norm_vjp.defvjp(_group_norm_fwd, _group_norm_bwd)
-
-
-class GroupNorm(nn.Module):
-    """``torch.nn.GroupNorm(num_groups, C, eps, affine=True)`` over NHWC (or [B, N, C]) input.
-
-    Biased variance of ``x - mean`` (:func:`group_norm_stats`). Statistics in float32
-    (float64 for float64 input); parameters ``scale`` (torch ``weight``) and ``bias``.
-    ``custom_gradient``: differentiate through :func:`group_norm_vjp`'s closed form (the
-    model passes ``train``); otherwise through the plain forward, so that ``jax.jvp`` works.
-    """
-
-    num_groups: int
-    epsilon: float
-    custom_gradient: bool = False
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        sd = _stats_dtype(x.dtype)
-        xs = x.astype(sd).reshape(x.shape[0], -1, c)                                 # [B, N, C]
-        fn = group_norm_vjp if self.custom_gradient else group_norm
-        y = fn(xs, scale.astype(sd), bias.astype(sd), self.num_groups, self.epsilon)
-        return y.reshape(x.shape).astype(x.dtype)
 
 
 def timestep_frequencies(dim: int, freq_shift: float, max_period: float = 10000.0) -> np.ndarray:
@@ -449,104 +360,9 @@ def build(config: UNet2DConfig, *, dtype: Any = jnp.float32, conv_impl: str = "a
         dtype=dtype, conv_impl=conv_impl)
 
 
-def _module_rows(torch_prefix: str, flax_path: tuple[str, ...], kind: str) -> list[WeightRow]:
-    p = ("params",) + flax_path
-    if kind == "conv":
-        return [(f"{torch_prefix}.weight", p + ("kernel",), "conv"), (f"{torch_prefix}.bias", p + ("bias",), "same")]
-    if kind == "dense":
-        return [(f"{torch_prefix}.weight", p + ("kernel",), "dense"), (f"{torch_prefix}.bias", p + ("bias",), "same")]
-    if kind == "norm":
-        return [(f"{torch_prefix}.weight", p + ("scale",), "same"), (f"{torch_prefix}.bias", p + ("bias",), "same")]
-    raise AssertionError(kind)
-
-
-def _flax_path(torch_prefix: str) -> tuple[str, ...]:
-    """``down_blocks.0.resnets.1.conv1`` -> ``('down_blocks_0', 'resnets_1', 'conv1')``."""
-    parts, out = torch_prefix.split("."), []
-    for part in parts:
-        if part.isdigit():
-            out[-1] = f"{out[-1]}_{part}"
-        else:
-            out.append(part)
-    return tuple(out)
-
-
-def _rows(torch_prefix: str, kind: str) -> list[WeightRow]:
-    return _module_rows(torch_prefix, _flax_path(torch_prefix), kind)
-
-
-def weight_table(config: UNet2DConfig) -> list[WeightRow]:
-    """Rows (torch_name, flax_path, layout) for every tensor of ``config``'s model, named as
-    diffusers 0.42.1's ``UNet2DModel.state_dict()`` (attention: ``to_q/to_k/to_v/to_out.0``)."""
-    plan = channel_plan(config)
-    rows = _rows("conv_in", "conv") + _rows("time_embedding.linear_1", "dense") + \
-        _rows("time_embedding.linear_2", "dense")
-    for where, c_in, c_out in plan["resnets"]:
-        rows += _rows(f"{where}.norm1", "norm") + _rows(f"{where}.conv1", "conv") + \
-            _rows(f"{where}.time_emb_proj", "dense") + _rows(f"{where}.norm2", "norm") + _rows(f"{where}.conv2", "conv")
-        if c_in != c_out:
-            rows += _rows(f"{where}.conv_shortcut", "conv")
-    for where, _ in plan["attention"]:
-        rows += _rows(f"{where}.group_norm", "norm")
-        rows += [r for n in ("to_q", "to_k", "to_v", "to_out.0") for r in _rows(f"{where}.{n}", "dense")]
-    n = len(config.block_out_channels)
-    for i in range(n - 1):
-        rows += _rows(f"down_blocks.{i}.downsamplers.0.conv", "conv")
-        rows += _rows(f"up_blocks.{i}.upsamplers.0.conv", "conv")
-    rows += _rows("conv_norm_out", "norm") + _rows("conv_out", "conv")
-    return rows
-
-
 def size_multiple(config: UNet2DConfig) -> int:
     """``2 ** (number of downsamplings)`` = ``2 ** (len(block_out_channels) - 1)``."""
     return 2 ** (len(config.block_out_channels) - 1)
-
-
-def to_metadata(config: UNet2DConfig) -> dict[str, str]:
-    """``{'arch': 'unet2d', 'unet2d_config': <the config as one JSON object>}``."""
-    return {"arch": "unet2d", METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
-
-
-def from_metadata(meta: Mapping[str, str]) -> UNet2DConfig:
-    """Inverse of :func:`to_metadata`. Raises ValueError (ArchConfigError naming a field)."""
-    if METADATA_KEY not in meta:
-        raise ValueError(f"metadata lacks {METADATA_KEY}")
-    try:
-        d = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"metadata {METADATA_KEY} is not JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"metadata {METADATA_KEY} is not a JSON object")
-    return config_from_dict(d)
-
-
-def default_config(channels: int = 1) -> UNet2DConfig:
-    """A digits-sized model (1.11 M parameters): 3 levels (32, 64, 64), one resnet per
-    level, attention at the lowest resolution (4x4 for 16x16 images) and in the mid block,
-    head_dim 16, 8 groups, sample_size 16; everything else diffusers' defaults."""
-    return UNet2DConfig(sample_size=16, in_channels=channels, out_channels=channels,
-                        block_out_channels=(32, 64, 64), layers_per_block=1,
-                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                        attention_head_dim=16, norm_num_groups=8)
-
-
-def config_from_fields(channels: int, arch_config: str = "") -> UNet2DConfig:
-    """The config of ``ModelConfig.arch_config``: the config as one JSON object (the format of
-    :func:`to_metadata`'s ``unet2d_config``), or ``""`` (work folders written before the field)
-    for the digits-sized :func:`default_config`. Its ``in_channels`` and ``out_channels`` must
-    be ``channels``.
-
-    Raises:
-      ValueError: not a JSON object; ArchConfigError: a refused value or other channels.
-    """
-    if not arch_config:
-        return default_config(channels)
-    config = from_metadata({METADATA_KEY: arch_config})
-    for name in ("in_channels", "out_channels"):
-        if getattr(config, name) != channels:
-            raise ArchConfigError(name, f"must equal the image channels ({channels}), got {getattr(config, name)}")
-    return config
 
 
 ARCH = Architecture(

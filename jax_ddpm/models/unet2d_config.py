@@ -1,4 +1,5 @@
-"""The configuration of diffusers' ``UNet2DModel`` port (:class:`UNet2DConfig`) and its channel plan.
+"""The configuration of diffusers' ``UNet2DModel`` port (:class:`UNet2DConfig`), its channel
+plan, its safetensors metadata form and the digits-sized default.
 
 The fields are diffusers 0.42.1's ``UNet2DModel.__init__`` arguments with their names,
 meanings and defaults; what the port does not implement is refused in ``__post_init__`` with
@@ -7,6 +8,7 @@ itself is in :mod:`jax_ddpm.models.unet2d`, which re-exports everything here.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
@@ -243,3 +245,51 @@ def channel_plan(config: UNet2DConfig) -> dict[str, list[tuple[str, int]]]:
                 attention(f"up_blocks.{i}.attentions.{j}", ch)
     out["norm_num_groups"].append(("conv_norm_out", boc[0]))
     return out
+
+
+# ----------------------------------------------------------------------------- metadata and defaults
+def to_metadata(config: UNet2DConfig) -> dict[str, str]:
+    """``{'arch': 'unet2d', 'unet2d_config': <the config as one JSON object>}``."""
+    return {"arch": "unet2d", METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+
+
+def from_metadata(meta: Mapping[str, str]) -> UNet2DConfig:
+    """Inverse of :func:`to_metadata`. Raises ValueError (ArchConfigError naming a field)."""
+    if METADATA_KEY not in meta:
+        raise ValueError(f"metadata lacks {METADATA_KEY}")
+    try:
+        d = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"metadata {METADATA_KEY} is not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"metadata {METADATA_KEY} is not a JSON object")
+    return config_from_dict(d)
+
+
+def default_config(channels: int = 1) -> UNet2DConfig:
+    """A digits-sized model (1.11 M parameters): 3 levels (32, 64, 64), one resnet per
+    level, attention at the lowest resolution (4x4 for 16x16 images) and in the mid block,
+    head_dim 16, 8 groups, sample_size 16; everything else diffusers' defaults."""
+    return UNet2DConfig(sample_size=16, in_channels=channels, out_channels=channels,
+                        block_out_channels=(32, 64, 64), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                        attention_head_dim=16, norm_num_groups=8)
+
+
+def config_from_fields(channels: int, arch_config: str = "") -> UNet2DConfig:
+    """The config of ``ModelConfig.arch_config``: the config as one JSON object (the format of
+    :func:`to_metadata`'s ``unet2d_config``), or ``""`` (work folders written before the field)
+    for the digits-sized :func:`default_config`. Its ``in_channels`` and ``out_channels`` must
+    be ``channels``.
+
+    Raises:
+      ValueError: not a JSON object; ArchConfigError: a refused value or other channels.
+    """
+    if not arch_config:
+        return default_config(channels)
+    config = from_metadata({METADATA_KEY: arch_config})
+    for name in ("in_channels", "out_channels"):
+        if getattr(config, name) != channels:
+            raise ArchConfigError(name, f"must equal the image channels ({channels}), got {getattr(config, name)}")
+    return config
