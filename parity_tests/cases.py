@@ -280,6 +280,7 @@ DEFAULT_CHAINS = [
     _spec("dpmpp_2m", "linear", 100, 13),
     _spec("dpmpp_2m", "cosine", 100, 10, "x0", timestep_spacing="trailing", final_sigmas_type="sigma_min",
           lower_order_final=False),
+    _spec("dpmpp_2m", "linear", 100, 20, clip_denoised=True),
 ]
 DEFAULT_F64_CHAINS = [
     _spec("ddim", "cosine", 100, 13, "eps", "float64", eta=1.0, timestep_spacing="linspace"),
@@ -300,7 +301,8 @@ def full_chains() -> list[ChainSpec]:
            {"eta": 0.3, "steps_offset": 1}],
         "dpmpp_2m": [{"timestep_spacing": sp, "final_sigmas_type": f} for sp in ("linspace", "leading", "trailing")
                      for f in ("zero", "sigma_min")]
-        + [{"final_sigmas_type": "sigma_min", "lower_order_final": False},
+        + [{"clip_denoised": True}, {"clip_denoised": True, "final_sigmas_type": "sigma_min"},
+           {"final_sigmas_type": "sigma_min", "lower_order_final": False},
            {"final_sigmas_type": "sigma_min", "lower_order_final": False, "timestep_spacing": "trailing"}],
     }
     sizes = [(100, 7), (100, 20), (1000, 50), (100, 13), (1000, 13), (100, 50), (1000, 20), (100, 10), (1000, 50)]

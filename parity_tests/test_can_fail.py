@@ -406,6 +406,7 @@ def test_a_too_loose_or_missing_tolerance_is_caught():
 # sampler modules import their helpers by name). Measured factors (row error / tolerance) in the
 # docstrings.
 from jax_ddpm import parameterization  # noqa: E402
+from jax_ddpm import samplers as samplers_pkg  # noqa: E402
 from jax_ddpm.samplers import ddim as ddim_module, dpmpp_2m as dpmpp_module, grids as grids_module  # noqa: E402
 
 DDIM_ROW = "chain ddim linear T=100 n=13 timestep_spacing=linspace eps vs oracle"
@@ -458,6 +459,24 @@ def test_sampler_first_order_where_second_is_due_fails(monkeypatch, fresh_ctx):
     _fails(_run(fresh_ctx, "chain dpmpp_2m linear T=100 n=13 eps vs oracle"), 100)
     if not REFERENCES["diffusers"].unavailable():
         _fails(_run(fresh_ctx, "chain dpmpp_2m linear T=100 n=13 eps vs diffusers"), 10)
+
+
+def test_sampler_dpmpp_clip_ignored_fails(monkeypatch, fresh_ctx):
+    """DPM-Solver++ with clip_denoised that does not clip its data predictions: red vs the oracle
+    and, where diffusers is installed, vs its thresholding (measured 4.0e4x and 5.0e3x); an
+    unclipped row stays green."""
+    real = dpmpp_module.dpmpp_2m_sample
+
+    def unclipped(*args, clip_denoised=False, **kwargs):
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpmpp_module, "dpmpp_2m_sample", unclipped)
+    monkeypatch.setitem(samplers_pkg._SAMPLERS, "dpmpp_2m", unclipped)
+    _fails(_run(fresh_ctx, "chain dpmpp_2m linear T=100 n=20 clip_denoised=True eps vs oracle"), 1000)
+    if not REFERENCES["diffusers"].unavailable():
+        _fails(_run(fresh_ctx, "chain dpmpp_2m linear T=100 n=20 clip_denoised=True eps vs diffusers"), 100)
+    row = _run(fresh_ctx, "chain dpmpp_2m linear T=100 n=13 eps vs oracle")
+    assert row.passed, row.message()
 
 
 def test_sampler_grid_mismatch_is_caught(monkeypatch, fresh_ctx):

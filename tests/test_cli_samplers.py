@@ -80,6 +80,26 @@ def test_ddim_eta_0_is_deterministic_and_the_librarys_chain(run_dir, tmp_path):
         assert np.array_equal(ours, want)
 
 
+def test_dpmpp_2m_follows_the_runs_clipping(run_dir, tmp_path):
+    """dpmpp_2m clips its data predictions as the run says (on for runs trained here): the
+    command's samples are the library's clipped chain bit for bit, and not the unclipped one."""
+    from jax_ddpm.app.factories import build_model
+    from jax_ddpm.app.workdir import load_run
+    from jax_ddpm.sampling import make_sample_fn
+
+    ours = _sample(run_dir, tmp_path / "ours.npz", "--sampler", "dpmpp_2m", "--num-steps", "4", "--seed", "3")
+    run = load_run(str(run_dir))
+    assert run.sampling["clip_denoised"] is True
+    key = jax.random.key(3)
+    x_T = jax.random.normal(jax.random.fold_in(key, 0), (N, S, S, 1))
+    got = {clip: np.asarray(make_sample_fn(build_model(run.config), "dpmpp_2m", "batch", num_steps=4,
+                                           clip_denoised=clip)(run.state.ema_variables, run.state.schedule, x_T,
+                                                               jax.random.fold_in(key, 1)))
+           for clip in (True, False)}
+    assert np.array_equal(ours, got[True])
+    assert not np.array_equal(got[True], got[False])
+
+
 def test_a_noise_file_has_a_row_per_step(run_dir, tmp_path, capsys):
     np.savez(tmp_path / "noise.npz", x_T=np.zeros((2, S, S, 1), np.float32),
              noises=np.zeros((T, 2, S, S, 1), np.float32))
@@ -104,8 +124,8 @@ def test_a_noise_file_has_a_row_per_step(run_dir, tmp_path, capsys):
     (["--sampler", "chapter", "--num-steps", "5"], "--num-steps: the chapter sampler runs all T = 10 steps"),
     (["--sampler", "chapter", "--timestep-spacing", "linspace"], "--timestep-spacing: --sampler chapter has no such "
                                                                  "setting (--sampler ddpm, ddim and dpmpp_2m have)"),
-    (["--sampler", "dpmpp_2m", "--no-clip-denoised"], "--clip-denoised: --sampler dpmpp_2m has no such setting "
-                                                      "(--sampler ddpm and ddim have)"),
+    (["--sampler", "chapter", "--no-clip-denoised"], "--clip-denoised: --sampler chapter has no such setting "
+                                                     "(--sampler ddpm, ddim and dpmpp_2m have)"),
     (["--sampler", "ddim", "--variance", "beta"], "--variance: --sampler ddim has no such setting"),
     (["--timestep-spacing", "cosine"], "--timestep-spacing: invalid choice: 'cosine'"),
 ])

@@ -10,18 +10,19 @@ from ..schedules import DiffusionSchedule
 from ._loop import ModelFn, check_flag, check_noise, reject_unknown, scan_grid
 from .grids import dpm_solver_grid
 
-OPTIONS = ("timestep_spacing", "steps_offset", "lower_order_final", "final_sigmas_type")
+OPTIONS = ("timestep_spacing", "steps_offset", "lower_order_final", "final_sigmas_type", "clip_denoised")
 FINAL_SIGMAS = ("zero", "sigma_min")
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers: lower_order_final applies to grids of fewer steps
 
 
 def dpmpp_2m_grid(timesteps: int, num_steps: int | None = None, *, prediction: str = "eps",
                   timestep_spacing: str = "linspace", steps_offset: int = 0, lower_order_final: bool = True,
-                  final_sigmas_type: str = "zero", **unknown):
+                  final_sigmas_type: str = "zero", clip_denoised: bool = False, **unknown):
     """Checks the options (ValueError, one sentence) and returns the grid [num_steps] (ascending)."""
     reject_unknown("dpmpp_2m", unknown, OPTIONS)
     check_prediction(prediction)
     check_flag("lower_order_final", lower_order_final)
+    check_flag("clip_denoised", clip_denoised)
     if final_sigmas_type not in FINAL_SIGMAS:
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS}, got {final_sigmas_type!r}")
     return dpm_solver_grid(timesteps, num_steps, timestep_spacing, steps_offset)
@@ -45,7 +46,7 @@ def second_order_steps(num_steps: int, lower_order_final: bool = True, final_sig
 def dpmpp_2m_sample(model_fn: ModelFn, schedule: DiffusionSchedule, x_T: jnp.ndarray, noise, *,
                     prediction: str = "eps", num_steps: int | None = None, timestep_spacing: str = "linspace",
                     steps_offset: int = 0, lower_order_final: bool = True, final_sigmas_type: str = "zero",
-                    **unknown) -> jnp.ndarray:
+                    clip_denoised: bool = False, **unknown) -> jnp.ndarray:
     """DPM-Solver++(2M): with ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, ``lambda =
     log(alpha / sigma)``, from grid point s to t (h = lambda_t - lambda_s) with the data
     predictions m0 (at s) and m1 (at the point before s, h_0 = lambda_s - lambda_{s-1})::
@@ -55,7 +56,10 @@ def dpmpp_2m_sample(model_fn: ModelFn, schedule: DiffusionSchedule, x_T: jnp.nda
     (Lu et al. 2022, Algorithm 2; diffusers' ``solver_type='midpoint'``), first order
     (``r`` term dropped: DDIM with eta 0) where :func:`second_order_steps` says. The last step
     goes to ``sigma = 0`` (``final_sigmas_type='zero'``: x_0 is the last x0 prediction) or to
-    the sigma of t = 0 (``'sigma_min'``). Deterministic: ``noise`` (a key or ``[num_steps,
+    the sigma of t = 0 (``'sigma_min'``). ``clip_denoised`` clips each data prediction to
+    [-1, 1] before it is used and kept as the next step's m1 (diffusers' ``thresholding=True``
+    with ``sample_max_value=1.0``, where its dynamic threshold s is clamped to 1: plain
+    clipping; off by default, as diffusers'). Deterministic: ``noise`` (a key or ``[num_steps,
     *x_T.shape]``, for the shared signature) is checked and not used. The grid is
     :func:`~jax_ddpm.samplers.grids.dpm_solver_grid` (default ``linspace``, as diffusers').
 
@@ -66,7 +70,8 @@ def dpmpp_2m_sample(model_fn: ModelFn, schedule: DiffusionSchedule, x_T: jnp.nda
     """
     grid = dpmpp_2m_grid(schedule.timesteps, num_steps, prediction=prediction, timestep_spacing=timestep_spacing,
                          steps_offset=steps_offset, lower_order_final=lower_order_final,
-                         final_sigmas_type=final_sigmas_type, **unknown)
+                         final_sigmas_type=final_sigmas_type, clip_denoised=clip_denoised, **unknown)
+    clip_denoised = bool(clip_denoised)
     n = len(grid)
     check_noise(noise, len(grid), x_T.shape)  # before any array is built
     idx = jnp.asarray(grid, jnp.int32)
@@ -93,6 +98,8 @@ def dpmpp_2m_sample(model_fn: ModelFn, schedule: DiffusionSchedule, x_T: jnp.nda
         t = jnp.full((x.shape[0],), row["t"], jnp.int32)
         k = {name: v.astype(x.dtype) for name, v in row.items() if name not in ("i", "t")}
         m0 = to_x0(x, model_fn(x, t), k["alpha"], k["sigma"], prediction)
+        if clip_denoised:
+            m0 = jnp.clip(m0, -1.0, 1.0)
         return k["a"] * x + k["b"] * m0 + k["c"] * (m0 - m_prev), m0
 
     x, _ = scan_grid(step, (x_T, jnp.zeros_like(x_T)), noise, grid, x_T.shape, x_T.dtype, per_step)

@@ -11,7 +11,9 @@ from that timestep:
   checked bit-exact against ``step()`` fed its own replayed draw, then feeds row i;
 - DDIMScheduler.step: ``variance_noise=row i``; ``use_clipped_model_output=clip_sample``
   (jax_ddpm's ddim takes eps from the clipped x0);
-- DPMSolverMultistepScheduler (``dpmsolver++``, order 2, ``midpoint``): deterministic.
+- DPMSolverMultistepScheduler (``dpmsolver++``, order 2, ``midpoint``): deterministic;
+  ``clip_denoised`` -> ``thresholding=True, sample_max_value=1.0`` (its dynamic threshold s is
+  clamped to [1, 1]: plain clipping of each data prediction).
 
 The schedulers get jax_ddpm's option names mapped to diffusers' (``variance`` beta_tilde /
 beta -> ``fixed_small`` / ``fixed_large``, ``clip_denoised`` -> ``clip_sample``, prediction
@@ -49,7 +51,9 @@ def scheduler(spec: ChainSpec):
         s = diffusers.DPMSolverMultistepScheduler(
             **common, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
             lower_order_final=opts.get("lower_order_final", True),
-            final_sigmas_type=opts.get("final_sigmas_type", "zero"))
+            final_sigmas_type=opts.get("final_sigmas_type", "zero"),
+            # thresholding with sample_max_value 1: the threshold s is clamped to [1, 1], plain clipping
+            thresholding=opts.get("clip_denoised", False), sample_max_value=1.0)
     else:
         raise ValueError(f"diffusers has no {spec.sampler!r} scheduler")
     s.set_timesteps(spec.n)

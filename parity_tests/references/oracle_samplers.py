@@ -176,8 +176,10 @@ def ddim(sch, g, model, x_T, noise, prediction="eps", eta=0.0, clip=False):
     return np.clip(x, -1, 1), traj
 
 
-def dpmpp_2m(sch, g, model, x_T, noise=None, prediction="eps", lower_order_final=True, final_sigmas_type="zero"):
-    """Lu et al. (2022), DPM-Solver++ Algorithm 2 (2M), in lambda = log(alpha / sigma)."""
+def dpmpp_2m(sch, g, model, x_T, noise=None, prediction="eps", lower_order_final=True, final_sigmas_type="zero",
+             clip=False):
+    """Lu et al. (2022), DPM-Solver++ Algorithm 2 (2M), in lambda = log(alpha / sigma); ``clip``
+    clips each data prediction to [-1, 1] (kept clipped for the next step's extrapolation)."""
     del noise
     abar = sch["alphas_cumprod"]
     n = len(g)
@@ -188,6 +190,8 @@ def dpmpp_2m(sch, g, model, x_T, noise=None, prediction="eps", lower_order_final
         a_s, s_s = math.sqrt(abar[t]), math.sqrt(1 - abar[t])
         traj[t] = x.copy()
         m0, _ = _x0_eps(model(x, t), x, abar[t], prediction)
+        if clip:
+            m0 = np.clip(m0, -1, 1)
         last = i == 0
         if last and final_sigmas_type == "zero":
             x, m_prev = m0, m0  # sigma_t = 0: the data prediction itself
@@ -232,7 +236,7 @@ def run_chain(spec: ChainSpec, x_T: np.ndarray, noise: np.ndarray):
         return ddim(sch, g, model, x_T, noise, spec.prediction, opts.get("eta", 0.0), opts.get("clip_denoised", False))
     if spec.sampler == "dpmpp_2m":
         return dpmpp_2m(sch, g, model, x_T, noise, spec.prediction, opts.get("lower_order_final", True),
-                        opts.get("final_sigmas_type", "zero"))
+                        opts.get("final_sigmas_type", "zero"), opts.get("clip_denoised", False))
     if spec.sampler == "chapter":
         return chapter(sch, g, model, x_T, noise, spec.prediction)
     raise ValueError(spec.sampler)
