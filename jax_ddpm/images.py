@@ -1,4 +1,4 @@
-"""PNG sample grids, the loss-curve plot and atomic file writes (host side, NumPy only)."""
+"""PNG sample grids, the loss and quality plots and atomic file writes (host side, NumPy only)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 GRID_STEP_KEY = "jax-ddpm:step"  # PNG text chunk of a grid: the checkpoint step it was sampled from
+PLOT_STEPS_KEY = "jax-ddpm:steps"  # PNG text chunk of quality.png: the steps it plots
 
 
 def current_umask() -> int:
@@ -139,5 +140,59 @@ def save_loss_plot(path: str, steps: Sequence[int], losses: Sequence[float], tit
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-__all__ = ["GRID_STEP_KEY", "MIN_IMAGE_PX", "atomic_write", "current_umask", "file_mode", "grid_scale", "grid_step",
-           "make_grid", "save_grid", "save_loss_plot", "to_uint8"]
+def save_quality_plot(path: str, rows: Sequence[dict], title: str = "sample quality during training") -> None:
+    """Quality rows (``train --eval-every``: ``step``, ``fid``, ``fid_floor``, ``confident``,
+    ``real_confident``, ``num_samples``) as a PNG, atomically: FID against step (log scale) with
+    the real-vs-real floor as a dashed line (horizontal while N is the same), and below it the
+    confident share with the real images' share. The steps plotted are kept in the PNG (text
+    chunk ``PLOT_STEPS_KEY``, comma-separated; read back by :func:`plot_steps`)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    rows = sorted(rows, key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    fig = Figure(figsize=(6, 5), dpi=100)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    fid, floor = [r["fid"] for r in rows], [r["fid_floor"] for r in rows]
+    sizes = sorted({r["num_samples"] for r in rows})
+    top.plot(steps, fid, "o-", lw=1.2, ms=3, label="FID (EMA samples)")
+    if len(set(floor)) == 1:
+        top.axhline(floor[0], color="gray", ls="--", lw=1.0, label=f"real-vs-real floor {floor[0]:.2f}")
+    else:  # N changed on a resume: each point's own floor
+        top.plot(steps, floor, "--", color="gray", lw=1.0, marker=".", label="real-vs-real floor (per N)")
+    if min(fid + floor) > 0:
+        top.set_yscale("log")
+    top.set_ylabel("FID (classifier features)")
+    top.set_title(f"{title} (N = {', '.join(map(str, sizes))})")
+    bottom.plot(steps, [r["confident"] for r in rows], "o-", lw=1.2, ms=3, color="C1", label="confident share")
+    real = [r["real_confident"] for r in rows if r.get("real_confident") is not None]
+    if real:
+        bottom.axhline(real[-1], color="gray", ls="--", lw=1.0, label=f"real held-out {real[-1]:.1%}")
+    bottom.set_ylim(0, 1.02)
+    bottom.set_ylabel("confident share")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+
+    record = {PLOT_STEPS_KEY: ",".join(map(str, steps))}  # a PNG text chunk
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", metadata=record))
+
+
+def plot_steps(path: str) -> list[int] | None:
+    """The steps :func:`save_quality_plot` recorded in the PNG at ``path`` (None if it has none)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = (getattr(im, "text", {}) or {}).get(PLOT_STEPS_KEY)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return None if text is None else [int(s) for s in text.split(",") if s]
+
+
+__all__ = ["GRID_STEP_KEY", "MIN_IMAGE_PX", "PLOT_STEPS_KEY", "atomic_write", "current_umask", "file_mode", "grid_scale",
+           "grid_step", "make_grid", "plot_steps", "save_grid", "save_loss_plot", "save_quality_plot", "to_uint8"]

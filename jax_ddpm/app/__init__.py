@@ -1,7 +1,8 @@
 """The ``jax-ddpm`` application: config (frozen dataclasses, validation, identity), factories,
-the work folder, console, devices, and the train / sample / convert commands and their CLI.
+the work folder (and its lock), console, devices, and the train / sample / convert / eval
+commands and their CLI.
 
-Modules import downward: ``cli`` -> ``train``, ``sample``, ``convert`` -> ``workdir``,
-``devices``, ``console`` -> ``factories`` -> ``config`` -> the library. Nothing in the
-library imports ``app``.
+Modules import downward: ``cli`` (with ``options``) -> ``train`` (with ``resume`` and
+``train_outputs``), ``sample``, ``convert``, ``eval`` -> ``workdir``, ``lock``, ``devices``,
+``console`` -> ``factories`` -> ``config`` -> the library. Nothing in the library imports ``app``.
 """

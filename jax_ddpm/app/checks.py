@@ -11,7 +11,7 @@ from ..schedules import MIN_TIMESTEPS, check_timesteps
 SEED_LIMIT = 2 ** 32  # --seed must be in [0, SEED_LIMIT): jax.random.key takes 32 bits (larger seeds would collide)
 # What a work folder's run owns (``app.workdir``): sample/convert --out never write these.
 LOCK_NAME = ".jax-ddpm.lock"
-WORK_FOLDER_FILES = ("config.json", "metrics.jsonl", "loss.png", "samples.png", LOCK_NAME)
+WORK_FOLDER_FILES = ("config.json", "metrics.jsonl", "loss.png", "quality.png", "samples.png", LOCK_NAME)
 WORK_FOLDER_DIRS = (CHECKPOINT_SUBDIR, DAMAGED_SUBDIR, "samples")
 
 
@@ -28,6 +28,12 @@ def positive(name: str, value: int) -> int:
 def non_negative(name: str, value: int) -> int:
     if value < 0:
         raise ConfigError(f"{name} must be 0 or a positive integer, got {value}")
+    return value
+
+
+def at_least(name: str, value: int, low: int) -> int:
+    if value < low:
+        raise ConfigError(f"{name} must be an integer of at least {low}, got {value}")
     return value
 
 
@@ -147,6 +153,27 @@ def check_timesteps_option(value: int, option: str = "--timesteps") -> int:
         raise ConfigError(f"{option} must be an integer >= {MIN_TIMESTEPS}, got {value}") from None
 
 
+def betas_from_args(args: Any, schedule: str) -> dict[str, float]:
+    """``--beta-start`` / ``--beta-end`` (the linear schedule's; not given: none, the defaults)."""
+    given = {k: getattr(args, k, None) for k in ("beta_start", "beta_end")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and schedule != "linear":
+        option = "--" + next(iter(given)).replace("_", "-")
+        raise ConfigError(f"{option}: only --schedule linear has betas to set, got --schedule {schedule}")
+    return {k: finite_float("--" + k.replace("_", "-"), v, 0.0, 1.0, low_open=True) for k, v in given.items()}
+
+
+def quality_data(option: str, source: str) -> str:
+    """``source`` (a ``--data`` value) if quality metrics can score it (``jax_ddpm.quality.REFERENCES``:
+    a feature extractor for that data; only the digits have one), else ConfigError naming ``option``."""
+    from ..quality import REFERENCES
+
+    if source not in REFERENCES:
+        raise ConfigError(f"{option}: the quality metrics need a feature extractor for the data and only "
+                          f"{', '.join(REFERENCES)} has one (none exists for other data yet), got --data {source}")
+    return source
+
+
 def checkpoint_step_from_args(args: Any) -> int | None:
     """``--checkpoint-step`` (or its deprecated spelling ``--steps``): None = the latest."""
     step, old = getattr(args, "checkpoint_step", None), getattr(args, "steps", None)
@@ -157,7 +184,7 @@ def checkpoint_step_from_args(args: Any) -> int | None:
     return None if step is None else non_negative("--checkpoint-step", step)
 
 
-__all__ = ["ConfigError", "LOCK_NAME", "SEED_LIMIT", "WORK_FOLDER_DIRS", "WORK_FOLDER_FILES", "check_timesteps_option",
-           "checkpoint_step_from_args", "choice", "existing_file", "existing_folder", "finite_float", "int_list",
-           "new_folder", "non_negative", "not_run_file", "out_file", "positive", "resolve_data_source", "seed",
-           "workdir_path"]
+__all__ = ["ConfigError", "LOCK_NAME", "SEED_LIMIT", "WORK_FOLDER_DIRS", "WORK_FOLDER_FILES", "at_least",
+           "betas_from_args", "check_timesteps_option", "checkpoint_step_from_args", "choice", "existing_file",
+           "existing_folder", "finite_float", "int_list", "new_folder", "non_negative", "not_run_file", "out_file",
+           "positive", "quality_data", "resolve_data_source", "seed", "workdir_path"]

@@ -11,12 +11,13 @@ settings it accepts (:func:`arch_config`).
 
 A training run's *identity* (:func:`identity`) is everything that decides which numbers
 it computes: model, diffusion (with ``--prediction``: what the loss regresses), data and
-optimizer settings and the seed. A resume must
-keep it; training-length and bookkeeping options (``--steps``, ``--checkpoint-every``,
-``--sample-every``, ...) may change, and so may the devices: N devices compute the same
-maths as one (``jax_ddpm.parallel``), so neither the device count nor ``--distributed`` is
-part of the identity. A field missing from a saved identity (``model.arch``: checkpoints
-written before the architecture registry) takes its default (:func:`complete_identity`).
+optimizer settings and the seed. A resume must keep it; training-length and bookkeeping
+options (``--steps``, ``--checkpoint-every``, ``--sample-every``, ``--eval-every``: grids and
+quality rows are drawn beside the training and never change its weights, ...) may change, and
+so may the devices: N devices compute the same maths as one (``jax_ddpm.parallel``), so
+neither the device count nor ``--distributed`` is part of the identity. A field missing from a
+saved identity (``model.arch``: checkpoints written before the architecture registry) takes its
+default (:func:`complete_identity`).
 
 An architecture other than the chapter's is described by its own config, held as canonical
 JSON in ``ModelConfig.arch_config`` (``app.arch_options``); its fields compare one by one.
@@ -44,16 +45,20 @@ from ..sampling import BN_STATS, SAMPLERS
 from ..schedules import BETA_END, BETA_START, MIN_TIMESTEPS, SCHEDULES
 from .arch_options import (ARCH_CONFIG_FIELD, NOT_COMPARED_FIELDS, UNET2D_FIELD_OPTIONS, arch_config_from_args,
                            arch_error, canonical_arch_config)
-from .checks import ConfigError, check_timesteps_option, checkpoint_step_from_args, choice as _choice
+from .checks import ConfigError, betas_from_args, check_timesteps_option, checkpoint_step_from_args
+from .checks import at_least, choice as _choice
 from .checks import existing_file as _existing_file, existing_folder, int_list
 from .checks import finite_float as _finite_float, new_folder, non_negative as _non_negative
 from .checks import not_run_file as _not_run_file, out_file as _out_file, positive as _positive, resolve_data_source
-from .checks import seed as _seed, workdir_path as _workdir
-from .sampler_options import SAMPLER_OPTION_NAMES, sampler_option_names, sampler_options_from_args, sampler_settings
+from .checks import quality_data, seed as _seed, workdir_path as _workdir
+from .sampler_options import (SAMPLER_OPTION_NAMES, given_sampler_options, sampler_option_names,
+                              sampler_options_from_args, sampler_settings)
 
 # What a run samples with unless ``sample`` says otherwise (checkpoint metadata ``sampling``;
 # runs trained here and folders written before it: the posterior variance, clipped x0).
 SAMPLING_DEFAULTS: dict[str, Any] = {"variance": "beta_tilde", "clip_denoised": True}
+DEFAULT_EVAL_NUM = 256  # train --eval-num: samples per evaluation (docs/quality.md: the FID's noise at this N)
+MIN_EVAL_NUM = 2  # a Frechet distance needs at least two samples
 # The sampler options the command sets (``sample --num-steps ...``, ``train --sample-num-steps ...``),
 # by the library's names; which sampler has which is the sampler module's ``OPTIONS`` (num_steps: all).
 
@@ -124,6 +129,9 @@ class TrainConfig:
     sample_eta: float | None = None
     sample_timestep_spacing: str | None = None
     sample_steps_offset: int | None = None
+    # quality during training (--eval-every, --eval-num): bookkeeping too, free on resume; 0 = off (older runs)
+    eval_every: int = 0
+    eval_num: int = DEFAULT_EVAL_NUM
 
 
 @dataclass(frozen=True)
@@ -346,7 +354,7 @@ def train_config_from_args(args: Any) -> TrainConfig:
     schedule = _choice("--schedule", args.schedule, SCHEDULES)
     diffusion = DiffusionConfig(timesteps=check_timesteps_option(args.timesteps), schedule=schedule,
                                 prediction=_choice("--prediction", getattr(args, "prediction", "eps"), PREDICTIONS),
-                                **_betas_from_args(args, schedule))
+                                **betas_from_args(args, schedule))
     data = DataConfig(source=resolve_data_source(args.data), layout=_choice("--layout", args.layout, LAYOUTS))
     optim = OptimConfig(batch_size=_positive("--batch-size", args.batch_size),
                         lr=_finite_float("--lr", args.lr, 0.0, low_open=True),
@@ -363,8 +371,12 @@ def train_config_from_args(args: Any) -> TrainConfig:
                        num_samples=_positive("--num-samples", args.num_samples),
                        bn_stats=_choice("--bn-stats", args.bn_stats, BN_STATS),
                        log_every=_positive("--log-every", args.log_every), quiet=bool(args.quiet),
-                       distributed=bool(getattr(args, "distributed", False)))
+                       distributed=bool(getattr(args, "distributed", False)),
+                       eval_every=_non_negative("--eval-every", getattr(args, "eval_every", 0)),
+                       eval_num=at_least("--eval-num", getattr(args, "eval_num", DEFAULT_EVAL_NUM), MIN_EVAL_NUM))
     grid_sampler_settings(config)  # checked now, against this run's T
+    if config.eval_every:  # refused before anything is read or written
+        quality_data("--eval-every", config.data.source)
     return config
 
 
@@ -375,16 +387,6 @@ def grid_sampler_settings(config: TrainConfig, run_sampling: Mapping[str, Any] |
     given = {name: getattr(config, f"sample_{name}", None) for name in SAMPLER_OPTION_NAMES}
     return sampler_settings(config.sample_sampler, given, SAMPLING_DEFAULTS if run_sampling is None else run_sampling,
                             config.diffusion.timesteps, prediction=config.diffusion.prediction, prefix="--sample-")
-
-
-def _betas_from_args(args: Any, schedule: str) -> dict[str, float]:
-    """``--beta-start`` / ``--beta-end`` (the linear schedule's; None = the defaults)."""
-    given = {k: getattr(args, k, None) for k in ("beta_start", "beta_end")}
-    given = {k: v for k, v in given.items() if v is not None}
-    if given and schedule != "linear":
-        option = "--" + next(iter(given)).replace("_", "-")
-        raise ConfigError(f"{option}: only --schedule linear has betas to set, got --schedule {schedule}")
-    return {k: _finite_float("--" + k.replace("_", "-"), v, 0.0, 1.0, low_open=True) for k, v in given.items()}
 
 
 def sample_config_from_args(args: Any) -> SampleConfig:
@@ -404,11 +406,6 @@ def sample_config_from_args(args: Any) -> SampleConfig:
                         else _choice("--variance", args.variance, VARIANCES))
     sampler_settings(config.sampler, given_sampler_options(config), SAMPLING_DEFAULTS)  # T is checked at load
     return config
-
-
-def given_sampler_options(config: SampleConfig) -> dict[str, Any]:
-    """The sampler options ``sample`` was given (``SAMPLER_OPTION_NAMES``; None = not given)."""
-    return {name: getattr(config, name) for name in SAMPLER_OPTION_NAMES}
 
 
 def convert_config_from_args(args: Any) -> ConvertConfig:
@@ -438,7 +435,8 @@ def convert_config_from_args(args: Any) -> ConvertConfig:
 
 
 __all__ = [
-    "ARCH_FIELD_OPTIONS", "ARCH_NAMES", "BN_STATS", "CHANNELS", "ConfigError", "ConvertConfig", "DTYPES",
+    "ARCH_FIELD_OPTIONS", "ARCH_NAMES", "BN_STATS", "CHANNELS", "ConfigError", "ConvertConfig", "DEFAULT_EVAL_NUM",
+    "DTYPES", "MIN_EVAL_NUM",
     "SAMPLER_OPTION_NAMES", "SAMPLING_DEFAULTS", "VARIANCES", "given_sampler_options", "grid_sampler_settings",
     "sampler_option_names", "sampler_settings",
     "DataConfig", "DiffusionConfig", "LAYOUTS", "MIN_TIMESTEPS", "ModelConfig", "OPTION_NAMES", "OptimConfig",

@@ -2,10 +2,12 @@
 and Ctrl-C / SIGTERM as a flag the train loop checks between steps."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
-import time
 from typing import TextIO
+
+from tqdm import tqdm
 
 from ..errors import one_line
 
@@ -52,52 +54,104 @@ def note(message: str, prog: str = PROG) -> None:
     print(f"{prog}: note: {message}", file=sys.stderr)
 
 
-class Progress:
-    """A one-line progress display on stderr (``\\r``) when it is a terminal; plain lines at
-    logging points otherwise; nothing with ``quiet``."""
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (``isatty()``; a stream without it is not)."""
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except (OSError, ValueError):  # a closed or detached stream
+        return False
 
-    def __init__(self, total: int, quiet: bool, stream: TextIO | None = None):
+
+def _screen(stream) -> tuple[int, int]:
+    """(columns, rows) for the bar: the terminal's, less a column (no wrap); 79 x 24 where it
+    does not say (an unsized pseudo-terminal says 0 x 0; tqdm would then draw nothing)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return 79, 24
+    return (size.columns - 1 if size.columns > 1 else 79), (size.lines or 24)
+
+
+class _Bar(tqdm):
+    monitor_interval = 0  # no monitor thread: the bar is redrawn only when the loop reports
+
+    def __init__(self, *args, file: TextIO, **kwargs):
+        columns, rows = _screen(file)
+        super().__init__(*args, file=file, ncols=columns, nrows=rows, **kwargs)
+        self.dynamic_ncols = _screen  # asked before each drawing: follows a resized terminal
+
+
+class Progress:
+    """Progress on ``stream`` (stderr): on a terminal a tqdm bar (done/total, rate, ETA and the
+    last logged numbers); otherwise plain lines at the logging points (:meth:`log`,
+    :meth:`report`); nothing with ``quiet``. ``unit``: what is counted (train: steps; sample:
+    images); ``desc``: the bar's label."""
+
+    def __init__(self, total: int, quiet: bool, stream: TextIO | None = None, *, unit: str = "step",
+                 desc: str | None = None):
         self.stream = stream or sys.stderr
         self.total = total
         self.quiet = quiet
-        self.live = (not quiet) and getattr(self.stream, "isatty", lambda: False)()
+        self.unit, self.desc = unit, desc
+        self.live = (not quiet) and is_terminal(self.stream)
         self.loss = float("nan")
         self.rate = float("nan")
-        self._last_draw = 0.0
+        self._bar: tqdm | None = None
+
+    def _draw_at(self, n: int, postfix: str | None = None, force: bool = False) -> None:
+        """Moves the bar to ``n`` (with ``postfix``), drawn if 0.2 s have passed since the last
+        drawing or ``force``. Made on first use, starting at ``n`` (a resumed run's rate counts
+        only the steps it runs)."""
+        bar = self._bar
+        if bar is None:  # drawn as it is made
+            self._bar = _Bar(total=self.total, initial=n, file=self.stream, unit=self.unit, desc=self.desc,
+                             postfix=postfix, mininterval=0.2, leave=True)
+            return
+        if postfix is not None:
+            bar.set_postfix_str(postfix, refresh=False)
+        drawn = bar.last_print_t
+        if n != bar.n:
+            bar.update(n - bar.n)  # tqdm draws (and updates its rate) when mininterval has passed
+        if force and bar.last_print_t == drawn:
+            bar.refresh()
 
     def update(self, step: int, force: bool = False) -> None:
-        if not self.live:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_draw < 0.2:
-            return
-        self._last_draw = now
-        width = 24
-        done = int(width * step / max(self.total, 1))
-        bar = "#" * done + "-" * (width - done)
-        self.stream.write(f"\r[{bar}] step {step}/{self.total}  loss {self.loss:.4f}  {self.rate:,.0f} img/s ")
-        self.stream.flush()
+        """``step`` of ``total`` done: the bar (redrawn at most every 0.2 s unless ``force``)."""
+        if self.live:
+            self._draw_at(step, force=force)
+
+    def report(self, n: int, line: str, postfix: str | None = None) -> None:
+        """A logging point, ``n`` of ``total`` done: on a terminal the bar, drawn now (with
+        ``postfix``); otherwise ``line`` on a line of its own."""
+        if self.live:
+            self._draw_at(n, postfix, force=True)
+        elif not self.quiet:
+            self.stream.write(line + "\n")
+            self.stream.flush()
 
     def log(self, step: int, loss: float, rate: float) -> None:
+        """Train's logging point: the mean ``loss`` since the last one and ``rate`` (img/s)."""
         self.loss, self.rate = loss, rate
-        if self.live:
-            self.update(step, force=True)
-        elif not self.quiet:
-            self.stream.write(f"step {step}/{self.total}  loss {loss:.4f}  {rate:,.0f} img/s\n")
-            self.stream.flush()
+        self.report(step, f"step {step}/{self.total}  loss {loss:.4f}  {rate:,.0f} img/s",
+                    postfix=f"loss {loss:.4f}, {rate:,.0f} img/s")
 
     def message(self, text: str) -> None:
+        """``text`` on a line of its own (above the bar, which is redrawn below it)."""
         if self.quiet:
             return
-        if self.live:
-            self.stream.write("\r\x1b[K")
+        if self._bar is not None:
+            self._bar.clear()
         self.stream.write(text + "\n")
         self.stream.flush()
+        if self._bar is not None:
+            self._bar.refresh()
 
     def close(self) -> None:
-        if self.live:
-            self.stream.write("\n")
-            self.stream.flush()
+        """Leaves the bar's last state on its line; later messages print below it."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class InterruptFlag:
@@ -156,5 +210,6 @@ class InterruptFlag:
         return False
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK", "EXIT_TERMINATED", "InterruptFlag", "NonFiniteError",
-           "PROG", "Progress", "STOP_SIGNALS", "StopAgain", "error", "exit_status", "note", "signal_name", "warning"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK", "EXIT_TERMINATED", "InterruptFlag",
+           "NonFiniteError", "PROG", "Progress", "STOP_SIGNALS", "StopAgain", "error", "exit_status", "is_terminal",
+           "note", "signal_name", "warning"]

@@ -112,22 +112,62 @@ def read_samples_file(path: str) -> np.ndarray:
     return x
 
 
+def metrics_summary(m: dict) -> str:
+    """The numbers of a :func:`score` result as the one line prints them (``FID ... | confident
+    ... | classes ... | classifier acc ...``); ``train --eval-every`` prints the same."""
+    ratio = "-" if m["fid_ratio"] is None else f"{m['fid_ratio']:.1f}x"
+    return (f"FID {m['fid']:.2f} (floor {m['fid_floor']:.2f}+-{m['fid_floor_std']:.2f}, {ratio}) | confident "
+            f"{m['confident']:.1%} (real {m['real_confident']:.1%}) | classes {m['coverage']}/{m['num_classes']}, "
+            f"largest {m['largest_class_share']:.1%} | classifier acc {m['classifier_accuracy']:.1%}")
+
+
 def _summary(m: dict, where: str | None) -> str:
     s = m["sampling"]
     steps = f"{s['num_steps']}/{s['timesteps']} steps" if s.get("num_steps") else f"T={s.get('timesteps')}"
     how = (f"{s['sampler']} {steps}, checkpoint {s['checkpoint_step']}" if "sampler" in s
            else os.path.basename(s["samples_file"]))
-    ratio = "-" if m["fid_ratio"] is None else f"{m['fid_ratio']:.1f}x"
-    return (f"FID {m['fid']:.2f} (floor {m['fid_floor']:.2f}+-{m['fid_floor_std']:.2f}, {ratio}) | confident "
-            f"{m['confident']:.1%} (real {m['real_confident']:.1%}) | classes {m['coverage']}/{m['num_classes']}, "
-            f"largest {m['largest_class_share']:.1%} | classifier acc {m['classifier_accuracy']:.1%} | "
-            f"{m['num_samples']} samples, {how}, {m['wall_s']['total']:.1f}s" + (f" -> {where}" if where else ""))
+    return (f"{metrics_summary(m)} | {m['num_samples']} samples, {how}, {m['wall_s']['total']:.1f}s"
+            + (f" -> {where}" if where else ""))
+
+
+def load_reference(source: str, image_size: int, say=None):
+    """``(quality.Reference, how the classifier came: 'cache', 'trained' or 'rebuilt')`` for data
+    ``source`` (which must have one: ``checks.quality_data``); when it was trained, says so
+    through ``say`` (default: a note on stderr)."""
+    from .. import quality
+    from .console import note
+
+    t0 = time.perf_counter()
+    ref = quality.reference_for(source, image_size)
+    made = getattr(ref.extractor, "source", "cache")
+    if made != "cache":
+        (say or note)(f"{'re' if made == 'rebuilt' else ''}trained the {ref.extractor.name} classifier in "
+                      f"{time.perf_counter() - t0:.1f}s (cached in {quality.cache_dir()})")
+    return ref, made
+
+
+def score(samples: np.ndarray, ref, seed: int) -> dict:
+    """``quality.quality_metrics`` of ``samples`` against ``ref`` (floor draws seeded by ``seed``).
+    Raises ConfigError (samples the metrics cannot take)."""
+    from .. import quality
+
+    try:
+        return quality.quality_metrics(samples, ref.extractor, ref.sets, seed=seed)
+    except quality.QualityError as e:
+        raise ConfigError(str(e)) from None
+
+
+def sampling_record(sc: SampleConfig, run, options: dict) -> dict:
+    """How samples drawn from ``run`` with ``sc`` were made, as eval.json's ``sampling`` records it."""
+    return {"sampler": sc.sampler, "num": sc.num, "seed": sc.seed, "bn_stats": sc.bn_stats,
+            "batch_size": sc.batch_size, "checkpoint_step": run.step, "timesteps": run.config.diffusion.timesteps,
+            "schedule": run.config.diffusion.schedule, "arch": run.config.model.arch, **options}
 
 
 def evaluate(config: EvalConfig, stream: TextIO | None = None) -> int:
     """Runs ``jax-ddpm eval``; returns 0. Raises ConfigError / CheckpointError for bad input."""
     from .. import quality
-    from .console import EXIT_OK, note, warning
+    from .console import EXIT_OK, warning
     from .sample import draw_samples, sampler_options
     from .workdir import load_run, write_json
 
@@ -146,25 +186,15 @@ def evaluate(config: EvalConfig, stream: TextIO | None = None) -> int:
         raise ConfigError(f"--workdir {config.workdir}: trained on --data {source}; eval's metrics need a feature "
                           f"extractor for that data and only {', '.join(quality.REFERENCES)} has one (none exists "
                           "for other data yet)")
-    ref = quality.reference_for(source, size)
+    ref, made = load_reference(source, size)
     t1 = time.perf_counter()
-    made = getattr(ref.extractor, "source", "cache")
-    if made != "cache":
-        note(f"{'re' if made == 'rebuilt' else ''}trained the {ref.extractor.name} classifier in {t1 - t0:.1f}s "
-             f"(cached in {quality.cache_dir()})")
     if given is None:
-        samples = draw_samples(sc, run)
-        sampling = {"sampler": sc.sampler, "num": sc.num, "seed": sc.seed, "bn_stats": sc.bn_stats,
-                    "batch_size": sc.batch_size,
-                    "checkpoint_step": run.step, "timesteps": run.config.diffusion.timesteps,
-                    "schedule": run.config.diffusion.schedule, "arch": run.config.model.arch, **options}
+        samples = draw_samples(sc, run, progress=sys.stderr)
+        sampling = sampling_record(sc, run, options)
     else:
         samples, sampling = given, {"samples_file": config.samples}
     t2 = time.perf_counter()
-    try:
-        metrics = quality.quality_metrics(samples, ref.extractor, ref.sets, seed=config.seed)
-    except quality.QualityError as e:
-        raise ConfigError(str(e)) from None
+    metrics = score(samples, ref, config.seed)
     t3 = time.perf_counter()
     result = {**metrics, "sampling": sampling, "workdir": config.workdir,
               "classifier": {"source": made, "cache": quality.cache_dir(),
@@ -181,4 +211,5 @@ def evaluate(config: EvalConfig, stream: TextIO | None = None) -> int:
     return EXIT_OK
 
 
-__all__ = ["DEFAULT_NUM", "EVAL_FILE", "EvalConfig", "eval_config_from_args", "evaluate", "read_samples_file"]
+__all__ = ["DEFAULT_NUM", "EVAL_FILE", "EvalConfig", "eval_config_from_args", "evaluate", "load_reference",
+           "metrics_summary", "read_samples_file", "sampling_record", "score"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from typing import Any, TextIO
 
 import jax
@@ -35,7 +36,7 @@ from ..images import atomic_write, save_grid, to_uint8
 from ..models.registry import get_arch
 from ..sampling import make_sample_fn
 from .config import ConfigError, ModelConfig, SampleConfig, given_sampler_options, sampler_settings
-from .console import EXIT_OK, NonFiniteError, warning
+from .console import EXIT_OK, NonFiniteError, Progress, is_terminal, warning
 from .convert import check_finite_weights, replacing
 from .factories import build_model_from, image_shape
 from .workdir import LoadedRun, load_run, recorded_run
@@ -205,10 +206,15 @@ def _finite(chunk: np.ndarray, start: int, run: LoadedRun) -> np.ndarray:
     return chunk
 
 
-def draw_samples(config: SampleConfig, run: LoadedRun) -> np.ndarray:
+def draw_samples(config: SampleConfig, run: LoadedRun, progress: TextIO | None = None) -> np.ndarray:
     """The samples ``sample`` writes: float32 [N, H, W, C] in [-1, 1] from ``run``'s EMA weights
     (``config``'s seed or noise file, sampler and options, in chunks of ``config.batch_size``
     (see the module docstring); ``config.out`` is not used).
+
+    ``progress`` (a stream, stderr in the command; None: silent) is told after each chunk:
+    a bar of images done on a terminal, else ``sampled n/N images in Ts`` per chunk when there
+    are several (one chunk says nothing the command's own line does not). The chain itself
+    stays one compiled program per chunk: no callback inside it.
 
     Raises:
       ConfigError: the request cannot fit in memory; NonFiniteError: NaN/inf weights or samples.
@@ -240,24 +246,32 @@ def draw_samples(config: SampleConfig, run: LoadedRun) -> np.ndarray:
         warning(f"{min(chunk, num)} images are few for --bn-stats batch (each image is normalised with the batch's "
                 f"statistics); use {MIN_BATCH_STATS} or more, or --bn-stats running")
     out = np.empty((num,) + shape, np.float32)
-    for c, a in enumerate(range(0, num, chunk)):
-        b = min(num, a + chunk)
-        if noises is not None:  # pre-drawn: the chunk's rows of x_T and of every step's noise
-            if batch_dependent:
-                got = sample_fn(variables, run.state.schedule, x_T[a:b], noises[:, a:b])
-            else:
-                got = jax.vmap(lambda x, z: sample_fn(variables, run.state.schedule, x[None], z[:, None])[0],
-                               in_axes=(0, 1))(x_T[a:b], noises[:, a:b])
-        elif batch_dependent:
-            got = sample_fn(variables, run.state.schedule, x_T[a:b],
-                            noise_key if num <= chunk else jax.random.fold_in(noise_key, c))
-        else:  # image by image: pad the last chunk, so one program serves every chunk
-            index = jnp.arange(a, a + chunk)
-            keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(index)
-            x = jnp.concatenate([x_T[a:b], jnp.zeros((a + chunk - b,) + shape, x_T.dtype)]) if b - a < chunk \
-                else x_T[a:b]
-            got = _per_image(sample_fn)(variables, run.state.schedule, x, keys)[:b - a]
-        out[a:b] = _finite(np.asarray(jax.device_get(got)), a, run)
+    shown = progress is not None and (num > chunk or is_terminal(progress))
+    bar = Progress(num, quiet=not shown, stream=progress, unit="img", desc="sampling")
+    bar.update(0, force=True)  # on a terminal: the bar while the first chunk compiles and runs
+    t0 = time.perf_counter()
+    try:
+        for c, a in enumerate(range(0, num, chunk)):
+            b = min(num, a + chunk)
+            if noises is not None:  # pre-drawn: the chunk's rows of x_T and of every step's noise
+                if batch_dependent:
+                    got = sample_fn(variables, run.state.schedule, x_T[a:b], noises[:, a:b])
+                else:
+                    got = jax.vmap(lambda x, z: sample_fn(variables, run.state.schedule, x[None], z[:, None])[0],
+                                   in_axes=(0, 1))(x_T[a:b], noises[:, a:b])
+            elif batch_dependent:
+                got = sample_fn(variables, run.state.schedule, x_T[a:b],
+                                noise_key if num <= chunk else jax.random.fold_in(noise_key, c))
+            else:  # image by image: pad the last chunk, so one program serves every chunk
+                index = jnp.arange(a, a + chunk)
+                keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(index)
+                x = jnp.concatenate([x_T[a:b], jnp.zeros((a + chunk - b,) + shape, x_T.dtype)]) if b - a < chunk \
+                    else x_T[a:b]
+                got = _per_image(sample_fn)(variables, run.state.schedule, x, keys)[:b - a]
+            out[a:b] = _finite(np.asarray(jax.device_get(got)), a, run)
+            bar.report(b, f"sampled {b}/{num} images in {time.perf_counter() - t0:.1f}s")
+    finally:
+        bar.close()
     return out
 
 
@@ -269,7 +283,7 @@ def sample(config: SampleConfig, stream: TextIO | None = None) -> int:
         sampler_options(config, recorded.sampling, recorded.config.diffusion.timesteps,
                         recorded.config.diffusion.prediction)
     run = load_run(config.workdir, config.step)
-    samples = draw_samples(config, run)
+    samples = draw_samples(config, run, progress=sys.stderr)
     replaced = replacing(config.out)
     write_samples(config.out, samples)
     print(f"wrote {samples.shape[0]} samples from step {run.step} to {config.out}{replaced}",

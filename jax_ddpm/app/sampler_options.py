@@ -67,6 +67,11 @@ def sampler_settings(sampler: str, given: Mapping[str, Any], run_sampling: Mappi
     return settings
 
 
+def given_sampler_options(config: Any) -> dict[str, Any]:
+    """The sampler options a ``SampleConfig`` was given (``SAMPLER_OPTION_NAMES``; None = not given)."""
+    return {name: getattr(config, name) for name in SAMPLER_OPTION_NAMES}
+
+
 def sampler_options_from_args(args: Any, prefix: str = "") -> dict[str, Any]:
     """``--[sample-]num-steps``, ``--[sample-]eta``, ``--[sample-]timestep-spacing`` and
     ``--[sample-]steps-offset`` from a namespace (None = not given), each checked on its own."""
@@ -79,4 +84,5 @@ def sampler_options_from_args(args: Any, prefix: str = "") -> dict[str, Any]:
             "steps_offset": None if offset is None else _non_negative(flag + "steps-offset", offset)}
 
 
-__all__ = ["SAMPLER_OPTION_NAMES", "sampler_option_names", "sampler_options_from_args", "sampler_settings"]
+__all__ = ["SAMPLER_OPTION_NAMES", "given_sampler_options", "sampler_option_names", "sampler_options_from_args",
+           "sampler_settings"]

@@ -1,4 +1,4 @@
-"""``jax-ddpm train``: the loop, checkpoints, metrics and sample grids.
+"""``jax-ddpm train``: the loop, checkpoints, metrics, sample grids and quality rows.
 
 Exact resume: the train step draws ``t`` and the noise from ``fold_in(train_key, step)``
 and the data order is a function of ``(seed, epoch)``; the checkpoint holds the whole
@@ -13,15 +13,21 @@ the checkpoint saves and restores and the non-finite-loss stop; only process 0 w
 run Ctrl-C or SIGTERM is acted on at the next logging or checkpoint step, once all processes
 agree (one small all-gather there).
 
-One writer per folder: process 0 holds ``workdir.WorkdirLock`` from before the first read of
+One writer per folder: process 0 holds ``lock.WorkdirLock`` from before the first read of
 a checkpoint to the end; a second trainer is refused naming the PID that holds it. Nothing is
 written before every check has passed, and only into an empty or new folder or one jax-ddpm
 wrote (``workdir.check_train_target``). SIGTERM is handled like the first Ctrl-C (a
 checkpoint at the step reached, one line, exit status 143; 130 for Ctrl-C); a second signal
 during that save waits for it to finish. Resume takes the newest checkpoint that restores
 and validates; newer ones that do not are moved to ``damaged-checkpoints/`` (said in one line
-each). A save that fails (no space left on device) is one line, exit status 2, its temporary
-folder removed. The final grid records its step, so a rerun redraws a stale one.
+each (``app.resume``). A save that fails (no space left on device) is one line, exit status 2,
+its temporary folder removed. The final grid records its step, so a rerun redraws a stale one.
+
+What is drawn beside the training (``app.train_outputs``): sample grids, and with
+``--eval-every`` the quality lines of metrics.jsonl and quality.png, each scored after the
+checkpoint of its step is saved; a run that starts from a due step without its line (stopped
+there by a signal, killed while scoring it) scores it first. Neither touches the training key
+or the state, so the weights are the same bits with or without them.
 
 An imported folder's checkpoint 0 (``convert --from-torch`` / ``--from-diffusers``) is a
 starting point, not a run to resume: ``train`` on it fine-tunes the imported weights (params
@@ -48,21 +54,20 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .. import parallel
-from ..data import BatchIterator, DataPosition, ImageSet, fingerprint, load_image_set
-from ..images import save_grid, save_loss_plot
-from ..sampling import make_sample_fn
+from ..data import BatchIterator, ImageSet, fingerprint, load_image_set
+from ..images import save_grid, save_loss_plot, save_quality_plot
 from ..training import TrainState
-from .config import (SAMPLING_DEFAULTS, ConfigError, TrainConfig, grid_sampler_settings, identity, to_dict,
-                     train_config_from_identity)
-from .console import (EXIT_INTERRUPTED, EXIT_OK, InterruptFlag, NonFiniteError, Progress, StopAgain, exit_status,
-                      warning)
+from .checks import quality_data
+from .config import ConfigError, TrainConfig, identity, to_dict
+from .console import EXIT_INTERRUPTED, EXIT_OK, InterruptFlag, NonFiniteError, Progress, StopAgain, exit_status
 from .devices import Devices, any_process, local_copy, setup_devices
-from .factories import (abstract_state, build_model, build_schedule, image_shape, init_state, make_step_fn, run_keys,
-                        state_from_variables)
-from .workdir import (RunFiles, WorkdirLock, append_metrics, check_resume, check_train_target, data_position,
-                      grid_is_current, is_import_start, sampling_settings, trim_metrics, write_json)
-
-PLOT_EVERY_S = 30.0  # loss.png is redrawn at a checkpoint at most this often (and always at the end)
+from .factories import build_schedule, init_state, make_step_fn, run_keys
+from .lock import WorkdirLock
+from .resume import Restored as _Restored, restore as _restore
+from .train_outputs import (PLOT_EVERY_S, QualityEvaluator, eval_due, eval_owed, record_evaluation, sample_grid_fn,
+                            sample_grid_record)
+from .workdir import (RunFiles, append_metrics, check_train_target, eval_rows, grid_is_current, loss_rows,
+                      read_metrics, trim_metrics, write_json)
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -80,18 +85,6 @@ class TrainHooks:
 
     corrupt_batch: Callable[[int, np.ndarray], np.ndarray] | None = None
     after_step: Callable[[int], None] | None = None
-
-
-@dataclass(frozen=True)
-class _Restored:
-    """Where training starts: step 0 (``state`` None) or a checked, restored checkpoint."""
-
-    start: int
-    state: TrainState | None
-    train_key: jax.Array
-    position: DataPosition
-    sampling: Mapping[str, Any] = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))
-    imported_from: str | None = None  # fine-tuning an imported folder's checkpoint 0
 
 
 @dataclass
@@ -113,8 +106,10 @@ class _Loop:
     train_key: jax.Array
     step: int
     last_good: int | None
-    history: list[dict]
+    history: list[dict]  # the loss lines of metrics.jsonl (loss.png)
     sampling: Mapping[str, Any]
+    evaluator: QualityEvaluator | None = None  # --eval-every (process 0 only)
+    evals: list[dict] = field(default_factory=list)  # the quality lines of metrics.jsonl (quality.png)
     pending: list[tuple[int, dict]] = field(default_factory=list)
     timer_step: int = 0
     timer: float = 0.0
@@ -139,63 +134,6 @@ def _load_data(config: TrainConfig) -> tuple[ImageSet, str]:
     return images, fingerprint(images)
 
 
-def _restore_step(config: TrainConfig, devices: Devices, data_fp: str, keys: Mapping[str, jax.Array],
-                  start: int) -> _Restored:
-    """Checkpoint ``start``, checked against this run's settings and data, replicated over the mesh.
-
-    Raises:
-      ConfigError: other settings or data (not a damaged checkpoint: no fallback);
-      CheckpointError: it does not restore or validate.
-    """
-    reader = ckpt.make_manager(config.workdir, read_only=True)
-    try:
-        meta = check_resume(config, reader, start, data_fp)
-        imported = is_import_start(meta, start)
-        position = data_position(meta, config.workdir, start)
-        saved = train_config_from_identity(config.workdir, meta["identity"]) if imported else config
-        template = abstract_state(saved)
-        target = parallel.abstract_replicated(ckpt.state_to_tree(template, jax.random.key_data(keys["train"])),
-                                              devices.mesh)
-        tree = ckpt.restore(reader, start, target)  # arrays come back replicated over the mesh
-    finally:
-        reader.close()
-    state, train_key = ckpt.tree_to_state(template.replace(schedule=build_schedule(saved)), tree)
-    sampling = sampling_settings(meta)
-    if imported:  # fine-tune: the imported weights, everything else this run's own fresh start
-        state = state_from_variables(config, {"params": state.params, "batch_stats": state.batch_stats},
-                                     ema_params=state.ema_params)
-        return _Restored(0, state, keys["train"], DataPosition(0, 0), sampling, meta["imported_from"])
-    return _Restored(start, state, train_key, DataPosition(*position), sampling)
-
-
-def _restore(config: TrainConfig, devices: Devices, data_fp: str, keys: Mapping[str, jax.Array]) -> _Restored:
-    """The newest checkpoint that restores and validates (:func:`_restore_step`), or a fresh
-    start. Newer ones that do not restore are moved to ``damaged-checkpoints/`` (one line each);
-    if none restores, the newest one's error, and nothing is moved. Runs under the folder's
-    lock; writes nothing else."""
-    steps_done = ckpt.complete_steps(config.workdir)
-    if not steps_done:
-        return _Restored(0, None, keys["train"], DataPosition(0, 0))
-    damaged: list[tuple[int, ckpt.CheckpointError]] = []
-    for start in reversed(steps_done):
-        try:
-            restored = _restore_step(config, devices, data_fp, keys, start)
-            break
-        except ckpt.CheckpointError as e:
-            damaged.append((start, e))
-    else:
-        raise damaged[0][1]
-    for step, e in damaged:
-        if devices.primary:
-            moved = ckpt.move_aside(config.workdir, step)
-            warning(f"{e}; moved it to {moved}, resuming from checkpoint {start}")
-    if damaged and devices.process_count > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jax-ddpm: damaged checkpoints moved aside")
-    return restored
-
-
 def _lock(config: TrainConfig, devices: Devices) -> WorkdirLock:
     """Process 0 takes the folder's lock; every process learns whether it did.
 
@@ -216,39 +154,9 @@ def _lock(config: TrainConfig, devices: Devices) -> WorkdirLock:
     return lock
 
 
-def sample_grid_record(config: TrainConfig, sampling: Mapping[str, Any]) -> dict[str, Any]:
-    """How the sample grids are drawn, as config.json and the checkpoint metadata record it
-    (``sample_grid``): ``sampler``, ``num_steps`` (None: all T) and the sampler's options as
-    given or taken from the run's ``sampling``. Folders written before it drew them with ddpm
-    over all T steps. A record, not part of the identity: ``--sample-*`` may change on resume."""
-    settings = grid_sampler_settings(config, sampling)
-    return {"sampler": config.sample_sampler, "num_steps": settings.pop("num_steps", None), **settings}
-
-
-def _sample_grid_fn(config: TrainConfig, keys: Mapping[str, jax.Array],
-                    sampling: Mapping[str, Any]) -> Callable[[TrainState], np.ndarray]:
-    """``grid(state) -> [N, H, W, C]`` samples from fixed x_T and noise (EMA weights, the
-    ``--sample-sampler`` and its options, default ddpm over all T steps, with the run's sampling
-    settings: clipped x0 and the posterior variance unless imported otherwise), on one device
-    (``local_copy``), not the whole mesh; compiled at its first call."""
-    sample = make_sample_fn(build_model(config), config.sample_sampler, bn_stats=config.bn_stats,
-                            prediction=config.diffusion.prediction, **grid_sampler_settings(config, sampling))
-    x_T = jax.random.normal(jax.random.fold_in(keys["sample"], 0), (config.num_samples,) + image_shape(config))
-    noise_key = jax.random.fold_in(keys["sample"], 1)
-
-    def grid(state: TrainState) -> np.ndarray:
-        state = local_copy(state)
-        samples = np.asarray(jax.device_get(sample(state.ema_variables, state.schedule, x_T, noise_key)))
-        if not np.isfinite(samples).all():
-            raise NonFiniteError(f"the sample grid of step {int(jax.device_get(state.step))} is not finite (NaN/inf); "
-                                 "nothing written")
-        return samples
-
-    return grid
-
-
 def _prepare_folder(config: TrainConfig, devices: Devices, start: int, sampling: Mapping[str, Any]) -> list[dict]:
-    """Creates the folder, records config.json and trims metrics past ``start``; the history."""
+    """Creates the folder, records config.json and trims metrics past ``start``; the lines kept
+    (loss lines, and quality lines of ``--eval-every``)."""
     os.makedirs(config.workdir, exist_ok=True)
     if not devices.primary:
         return []
@@ -261,8 +169,9 @@ def _prepare_folder(config: TrainConfig, devices: Devices, start: int, sampling:
 
 
 def _start(config: TrainConfig, devices: Devices, images: np.ndarray, data_fp: str, restored: _Restored,
-           keys: Mapping[str, jax.Array], progress: Progress, hooks: TrainHooks) -> _Loop:
-    history = _prepare_folder(config, devices, restored.start, restored.sampling)
+           keys: Mapping[str, jax.Array], progress: Progress, hooks: TrainHooks,
+           evaluator: QualityEvaluator | None) -> _Loop:
+    rows = _prepare_folder(config, devices, restored.start, restored.sampling)
     progress.message(devices.describe())
     if restored.state is None:
         state = init_state(config, keys["init"], build_schedule(config))
@@ -275,11 +184,15 @@ def _start(config: TrainConfig, devices: Devices, images: np.ndarray, data_fp: s
                  progress=progress, hooks=hooks,
                  manager=ckpt.make_manager(config.workdir, keep=config.keep_checkpoints),
                  iterator=BatchIterator(images, config.optim.batch_size, config.seed, restored.position),
-                 step_fn=make_step_fn(devices.mesh), sample_grid=_sample_grid_fn(config, keys, restored.sampling),
+                 step_fn=make_step_fn(devices.mesh), sample_grid=sample_grid_fn(config, keys, restored.sampling),
                  state=parallel.shard_state(state, devices.mesh),
                  train_key=parallel.shard_state(restored.train_key, devices.mesh), step=restored.start,
-                 last_good=restored.start if restored.state is not None else None, history=history,
-                 sampling=restored.sampling)
+                 last_good=restored.start if restored.state is not None else None, history=loss_rows(rows),
+                 sampling=restored.sampling, evaluator=evaluator, evals=eval_rows(rows))
+    if evaluator is not None and eval_owed(config, loop.step, loop.evals):  # stopped (or killed) before scoring it
+        _evaluate(loop)
+    elif evaluator is not None and loop.evals:  # the lines kept: a resume trims those past its checkpoint
+        save_quality_plot(loop.files.quality_plot, loop.evals)
     loop.restart_timer()
     return loop
 
@@ -308,6 +221,11 @@ def _plot(loop: _Loop, force: bool = False) -> None:
     if loop.devices.primary and loop.history and (force or time.monotonic() - loop.last_plot >= PLOT_EVERY_S):
         save_loss_plot(loop.files.loss_plot, [r["step"] for r in loop.history], [r["loss"] for r in loop.history])
         loop.last_plot = time.monotonic()
+
+
+def _evaluate(loop: _Loop) -> None:
+    """``--eval-every``: the quality line of ``loop.step`` (metrics.jsonl, quality.png; process 0)."""
+    record_evaluation(loop.evaluator, loop.files, loop.evals, loop.state, loop.step, loop.progress)
 
 
 def _nonfinite_step(rows: list[tuple[int, float, float]]) -> tuple[int, float, float] | None:
@@ -396,6 +314,10 @@ def _after_step(loop: _Loop, interrupt: InterruptFlag) -> int | None:
         _save(loop, interrupt)
         _plot(loop)
         loop.restart_timer()
+    if stop is None and eval_due(c, loop.step):  # after the save: the weights scored are the checkpoint's
+        if loop.evaluator is not None:
+            _evaluate(loop)
+        loop.restart_timer()
     if c.sample_every and loop.step % c.sample_every == 0 and loop.step < c.steps and stop is None:
         if loop.devices.primary:
             os.makedirs(os.path.dirname(loop.files.step_samples(loop.step)), exist_ok=True)
@@ -465,12 +387,16 @@ def _finish(loop: _Loop, status: int, stream: TextIO) -> int:
 
 
 def _already_trained(config: TrainConfig, devices: Devices, restored: _Restored, keys: Mapping[str, jax.Array],
-                     progress: Progress) -> int:
+                     progress: Progress, evaluator: QualityEvaluator | None) -> int:
     """Nothing to train; the final grid is redrawn unless it is that checkpoint's (killed while
-    drawing it, or left by an earlier, shorter run: ``workdir.grid_is_current``)."""
+    drawing it, or left by an earlier, shorter run: ``workdir.grid_is_current``), and with
+    ``--eval-every`` the checkpoint is scored if it is due and has no quality line yet."""
     files = RunFiles(config.workdir)
+    rows = eval_rows(read_metrics(files.metrics)) if evaluator is not None else []
+    if evaluator is not None and eval_owed(config, restored.start, rows):
+        record_evaluation(evaluator, files, rows, restored.state, restored.start, progress)
     if devices.primary and not grid_is_current(config.workdir, restored.start):
-        save_grid(files.samples, _sample_grid_fn(config, keys, restored.sampling)(restored.state),
+        save_grid(files.samples, sample_grid_fn(config, keys, restored.sampling)(restored.state),
                   step=restored.start)
         progress.message(f"{files.samples} was not the grid of step {restored.start}: redrew it")
     progress.message(f"{config.workdir}: already at step {restored.start} (--steps {config.steps}); nothing to train")
@@ -488,6 +414,8 @@ def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks |
         exit status 3 in the command).
     """
     stream = stream or sys.stderr
+    if config.eval_every:  # data without a feature extractor: refused before anything is read or written
+        quality_data("--eval-every", config.data.source)
     devices = setup_devices(config)  # first: jax.distributed.initialize must precede any other JAX call
     images, data_fp = _load_data(config)
     check_train_target(config.workdir)  # an empty or new folder, or one jax-ddpm wrote
@@ -498,9 +426,11 @@ def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks |
         if devices.primary:
             lock.record_owner()
         progress = Progress(config.steps, config.quiet or not devices.primary, stream)
+        evaluator = (QualityEvaluator.load(config, restored.sampling, say=progress.message)
+                     if config.eval_every and devices.primary else None)  # the classifier: cached, or trained now
         if restored.start >= config.steps:
-            return _already_trained(config, devices, restored, keys, progress)
-        loop = _start(config, devices, images, data_fp, restored, keys, progress, hooks or TrainHooks())
+            return _already_trained(config, devices, restored, keys, progress, evaluator)
+        loop = _start(config, devices, images, data_fp, restored, keys, progress, hooks or TrainHooks(), evaluator)
         return _finish(loop, _run(loop), stream)
     finally:
         lock.release()

@@ -3,16 +3,18 @@
 A work folder holds::
 
     config.json         the resolved TrainConfig of the latest (re)start
-    metrics.jsonl       one JSON object per logging point: step, loss, images_per_s, lr, grad_norm, ...
+    metrics.jsonl       one JSON object per logging point: step, loss, images_per_s, lr, grad_norm, ...;
+                        with --eval-every also quality rows ("kind": "eval": step, fid, fid_floor, ...)
     loss.png            the loss curve (redrawn at checkpoints, at most every PLOT_EVERY_S, and at the end)
+    quality.png         --eval-every: FID and confident share against step (redrawn at each evaluation)
     samples.png         the final sample grid (EMA weights, DDPM sampler, clipped x0, --bn-stats)
     samples/step_N.png  grids every --sample-every steps
     checkpoints/N/      orbax checkpoints (see jax_ddpm.checkpoint)
     damaged-checkpoints/N/  checkpoints that did not restore, moved aside by train (never deleted)
-    .jax-ddpm.lock      the writer's lock (WorkdirLock): flock'ed while a train or an import writes here
+    .jax-ddpm.lock      the writer's lock (app.lock.WorkdirLock): flock'ed while a train or an import writes here
 
-Guarantees (docs/cli.md, "Guarantees"): one writer per folder (:class:`WorkdirLock`, an OS
-lock that ends with the process, SIGKILL included); ``train`` writes only into an empty or
+Guarantees (docs/cli.md, "Guarantees"): one writer per folder (``app.lock.WorkdirLock``, an OS
+lock that ends with the process, SIGKILL included; re-exported here); ``train`` writes only into an empty or
 new folder or one jax-ddpm wrote (:func:`check_train_target`); resume and the readers
 (``sample``, ``convert``) take the newest checkpoint that restores and validates, falling back
 past damaged ones (:func:`load_run`, ``app.train``); the final grid records its step
@@ -20,11 +22,8 @@ past damaged ones (:func:`load_run`, ``app.train``); the final grid records its 
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,7 +38,9 @@ from .checks import LOCK_NAME
 from .config import (SAMPLING_DEFAULTS, VARIANCES, ConfigError, TrainConfig, identity, identity_mismatch,
                      train_config_from_identity)
 from .console import warning
+from .lock import WorkdirLock
 
+EVAL_KIND = "eval"  # metrics.jsonl: the "kind" of a quality line (loss lines have no "kind")
 READ_ATTEMPTS = 20  # load_run: checkpoints pruned under a reader by a running trainer, retried this often
 
 # Starting ``train`` on an imported folder's checkpoint 0 fine-tunes it: the model and the
@@ -66,6 +67,10 @@ class RunFiles:
         return os.path.join(self.workdir, "loss.png")
 
     @property
+    def quality_plot(self) -> str:
+        return os.path.join(self.workdir, "quality.png")
+
+    @property
     def samples(self) -> str:
         return os.path.join(self.workdir, "samples.png")
 
@@ -75,90 +80,6 @@ class RunFiles:
     @property
     def lock(self) -> str:
         return os.path.join(self.workdir, LOCK_NAME)
-
-
-# ----------------------------------------------------------------------------- one writer per folder
-def _lock_holder(path: str, fd: int) -> str | None:
-    """The PID holding the flock on ``path``: from /proc/locks (Linux), else what the holder wrote."""
-    try:
-        st = os.fstat(fd)
-        want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-        with open("/proc/locks") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 6 or parts[1] != "FLOCK" or parts[1] == "->":
-                    continue
-                major, minor, inode = parts[5].split(":")
-                if (int(major, 16), int(minor, 16), int(inode)) == want and parts[4].isdigit():
-                    return parts[4]
-    except (OSError, ValueError):
-        pass
-    try:
-        with open(path) as f:
-            words = f.read().split()
-        return words[0] if words and words[0].isdigit() else None
-    except OSError:
-        return None
-
-
-class WorkdirLock:
-    """An exclusive ``flock`` on ``WORKDIR/.jax-ddpm.lock``, held while this process writes the folder.
-
-    The kernel drops it when the process ends, however it ends (SIGKILL too), so it is never
-    stale; the file itself stays (it is the folder's, empty or holding the last writer's PID).
-    :meth:`acquire` writes nothing into the file: :meth:`record_owner` does, once every
-    check has passed (so a refused run changes nothing there).
-    """
-
-    def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.path = RunFiles(workdir).lock
-        self.fd: int | None = None
-
-    def acquire(self) -> "WorkdirLock":
-        """Takes the lock (creating the folder and the lock file if needed).
-
-        Raises:
-          ConfigError: another process holds it ("... (PID n) is writing to it").
-        """
-        os.makedirs(self.workdir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock on this filesystem
-                os.close(fd)
-                warning(f"--workdir {self.workdir}: cannot lock it ({e.strerror}); make sure no other jax-ddpm "
-                        "process writes to it")
-                return self
-            holder = _lock_holder(self.path, fd)
-            os.close(fd)
-            who = f"another jax-ddpm process (PID {holder})" if holder else "another jax-ddpm process"
-            raise ConfigError(f"--workdir {self.workdir}: {who} is writing to it (it holds {self.path}); wait for "
-                              "it to finish or stop it, or use another --workdir") from None
-        self.fd = fd
-        return self
-
-    def record_owner(self) -> None:
-        """Writes ``PID hostname`` into the lock file (for the message of a refused second writer)."""
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self.fd)
-                self.fd = None
-
-    def __enter__(self) -> "WorkdirLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> bool:
-        self.release()
-        return False
 
 
 # ----------------------------------------------------------------------------- whose folder
@@ -218,6 +139,22 @@ def read_metrics(path: str) -> list[dict]:
                 except json.JSONDecodeError:
                     pass
     return rows
+
+
+def is_eval_row(row: dict) -> bool:
+    """Whether a metrics line is a quality evaluation (``train --eval-every``: ``"kind": "eval"``)
+    rather than a loss line (which has no ``kind``, as in every folder written before)."""
+    return row.get("kind") == EVAL_KIND
+
+
+def loss_rows(rows: list[dict]) -> list[dict]:
+    """The loss lines of ``rows`` (what loss.png plots)."""
+    return [r for r in rows if not is_eval_row(r) and "loss" in r]
+
+
+def eval_rows(rows: list[dict]) -> list[dict]:
+    """The quality lines of ``rows`` (what quality.png plots)."""
+    return [r for r in rows if is_eval_row(r)]
 
 
 def trim_metrics(path: str, last_step: int) -> list[dict]:
@@ -447,7 +384,7 @@ def load_run(workdir: str, step: int | None = None,
                                f"({READ_ATTEMPTS} attempts); try again")
 
 
-__all__ = ["FINE_TUNE_FREE", "FINE_TUNE_FREE_ARCH_FIELDS", "LoadedRun", "RecordedRun", "RunFiles", "WorkdirLock", "append_metrics",
-           "check_resume", "check_train_target", "data_position", "grid_is_current", "holds_run", "is_import_start",
-           "is_work_folder", "load_run", "read_metrics", "recorded_run", "sampling_settings", "trim_metrics",
-           "write_json"]
+__all__ = ["EVAL_KIND", "FINE_TUNE_FREE", "FINE_TUNE_FREE_ARCH_FIELDS", "LoadedRun", "RecordedRun", "RunFiles",
+           "WorkdirLock", "append_metrics", "check_resume", "check_train_target", "data_position", "eval_rows",
+           "grid_is_current", "holds_run", "is_eval_row", "is_import_start", "is_work_folder", "load_run",
+           "loss_rows", "read_metrics", "recorded_run", "sampling_settings", "trim_metrics", "write_json"]
