@@ -1,8 +1,9 @@
 """pytest wiring for the whole repository: how the suite splits over the machine's cores.
 
-README's `python -m pytest` runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in
-pyproject.toml). Each worker is a process of its own, so whatever the tests share in memory
-must stay on one worker: the tests are grouped by what they share —
+README's `python -m pytest` runs on two pytest-xdist workers (``-n 2 --dist loadscope`` in
+pyproject.toml, scheduled by ``pytest_xdist_make_scheduler`` below). Each worker is a process of
+its own, so whatever the tests share in memory must stay on one worker: the tests are grouped
+by what they share —
 
 - every parity test: one session context (models and compiled functions, parity_tests/conftest.py);
 - tests/test_parallel.py and tests/test_bf16.py: one two-device subprocess (``sharded_worker_result``);
@@ -31,7 +32,20 @@ def xdist_group_of(path: Path) -> str:
     return path.name
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(name=xdist_group_of(Path(str(item.fspath)))))
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-scope scheduler with our groups as its scopes (xdist_group_of).
+
+    Not the ``xdist_group`` marker: with pytest 9.2, pytest-xdist 3.8's ``--dist loadgroup``
+    writes the group into ``item._nodeid``, which pytest no longer reads (``Node.nodeid`` is
+    ``str(self._id)``), so the groups were silently dropped and every module-scoped fixture
+    (and the parity context) was built on both workers. A scheduler works on the node ids the
+    controller sees, whatever pytest's internals; a whole group goes to one worker, largest first.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(Path(nodeid.split("::", 1)[0]))
+
+    return GroupScheduling(config, log)
