@@ -24,3 +24,10 @@ def parity_ctx(request) -> Context:
         return make_context(request.config.getoption("--parity-device"))
     except DeviceUnavailable as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture
+def fresh_ctx(parity_ctx) -> Context:
+    """A context of its own, for the mutants (test_can_fail*.py): nothing built before a
+    monkeypatched break is reused."""
+    return make_context(parity_ctx.device)
