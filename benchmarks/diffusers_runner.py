@@ -10,7 +10,7 @@ What runs (diffusers 0.42.1 on the development machine; torch on ``device``):
   eps).backward(); opt.step()`` with ``DDPMScheduler(T, linear 1e-4..0.02).add_noise`` and
   ``torch.optim.Adam(lr=1e-3)`` (torch's defaults, what ``jax_ddpm.training.make_optimizer``
   mirrors); ``t`` and ``eps`` drawn on the device inside the timed call, as JAX's step does.
-  ``torch.compile(model)`` for the compiled row (the loss and Adam stay eager, as for the
+  ``torch.compile(model, dynamic=False)`` for the compiled row (the loss and Adam stay eager, as for the
   torch_ref rows). bf16: the step under ``torch.autocast(device, bfloat16)``.
 - sampling: the pipelines' loop, ``set_timesteps(n)``, then for each ``t`` ``model(x,
   t).sample`` and ``scheduler.step(...)`` under ``torch.no_grad()``, with the scheduler that
@@ -100,7 +100,10 @@ def scheduler(name: str, timesteps: int):
 def _first_call_compiled(net, call: Callable[[Any], None], info: dict):
     import torch
 
-    compiled = torch.compile(net)
+    # dynamic=False as for the sampling chains: with the default (dynamic=None) torch 2.13's inductor
+    # re-traced the cifar10 train step with symbolic sizes and failed ("cannot determine truth value
+    # of Relational: 256*((s30//2))*((s91//2)) < 1"; bench-cpu-20261202-070951-unet2d)
+    compiled = torch.compile(net, dynamic=False)
     t0 = time.perf_counter()
     call(compiled)
     info["first_call_s"] = time.perf_counter() - t0
