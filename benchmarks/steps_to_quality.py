@@ -59,11 +59,16 @@ def grid_seconds(workdir: str, sampler: str, steps: int | None, num: int = 64, r
     """Wall seconds of ``repeats`` runs of the compiled chain on a ``num``-image grid, the program
     ``jax-ddpm sample --num num`` runs (the work folder's EMA weights, its clipping and variance,
     one chunk; with BatchNorm batch statistics one batched chain, else the per-image one), after
-    one untimed run that compiles it. Loading, the memory estimate and the PNG are not timed."""
+    one untimed run that compiles it. Loading, the memory estimate and the PNG are not timed.
+
+    It takes draw_samples' one-chunk path (the same cached programs, ``_cached_sample_fn`` and
+    ``_per_image``, the same x_T and noise keys) rather than calling draw_samples, whose memory
+    estimate traces the model on every call (~1-2 s, more than a 20-step chain)."""
     import jax
 
     from jax_ddpm.app import sample as app_sample
     from jax_ddpm.app.config import SampleConfig
+    from jax_ddpm.app.factories import image_shape
     from jax_ddpm.app.workdir import load_run
     from jax_ddpm.models.registry import get_arch
 
@@ -74,7 +79,7 @@ def grid_seconds(workdir: str, sampler: str, steps: int | None, num: int = 64, r
     sample_fn = app_sample._cached_sample_fn(run.config.model, sampler, config.bn_stats,
                                              tuple(sorted(dict(options, prediction=prediction).items())))
     key = jax.random.key(seed)
-    x_T = jax.random.normal(jax.random.fold_in(key, 0), (num,) + tuple(app_sample.image_shape(run.config)))
+    x_T = jax.random.normal(jax.random.fold_in(key, 0), (num,) + tuple(image_shape(run.config)))
     variables, schedule = run.state.ema_variables, run.state.schedule
     if get_arch(run.config.model.arch).has_batch_stats and run.state.batch_stats is not None:
         def chain():
