@@ -112,21 +112,29 @@ def _sampling() -> list[Case]:
                        variance="beta", clip=False))
     cases.append(_case("sampler", "ddpm step i=50 beta_tilde clip", check_sampler_step, "abs", step=50,
                        variance="beta_tilde", clip=True))
-    # (sampler, variance, clip, schedule, T, trained, slow)
+    # (sampler, variance, clip, schedule, T, trained, slow[, prediction]): an x0 or v row reads the same
+    # eps-trained U-Net's output as that type (torch_ref's X1 against jax_ddpm's parameterization)
     chains = [("ddpm", "beta_tilde", False, "cosine", 100, True, False),
+              ("ddpm", "beta_tilde", True, "cosine", 100, True, False, "x0"),
+              ("ddpm", "beta_tilde", True, "cosine", 100, True, False, "v"),
+              ("ddpm", "beta_tilde", False, "linear", 100, True, True, "x0"),
+              ("ddpm", "beta", False, "cosine", 100, True, True, "v"),
               ("ddpm", "beta", False, "cosine", 100, True, True),
               ("ddpm", "beta_tilde", True, "cosine", 100, True, False),
               ("chapter", "beta_tilde", False, "cosine", 100, True, False),
               ("ddpm", "beta_tilde", False, "linear", 100, True, False),  # stays within |x| ~ 5: x_0 not all clamped
               ("ddpm", "beta_tilde", False, "cosine", 100, False, True),
               ("ddpm", "beta_tilde", False, "linear", 1000, True, True)]
-    for sampler, variance, clip, kind, T, trained, slow in chains:
+    for sampler, variance, clip, kind, T, trained, slow, *pred in chains:
+        prediction = pred[0] if pred else "eps"
         label = "chapter_sample" if sampler == "chapter" else f"ddpm {variance}{' clip' if clip else ''}"
         label = f"chain {T} steps {label} {kind}{'' if trained else ' random-init'}"
+        label += "" if prediction == "eps" else f" read as {prediction}"
+        extra = {} if prediction == "eps" else {"prediction": prediction}
         for part, metric in (("x0", "abs"), ("trajectory", "rel")):
             cases.append(_case("sampler", f"{label}: {part}", check_chain, metric, f"chain_{part}", slow=slow,
                                part=part, sampler=sampler, variance=variance, clip=clip, kind=kind, timesteps=T,
-                               trained=trained))
+                               trained=trained, **extra))
     return cases
 
 

@@ -278,6 +278,20 @@ def test_torch_adapter_chain_without_clip_fails(monkeypatch, fresh_ctx):
     assert not row.passed, row.message()
 
 
+def test_torch_ref_reading_every_model_as_eps_fails(monkeypatch, fresh_ctx):
+    """torch_ref's X1 undone: an x0 or v output taken for eps (the chapter's only type), so the
+    rows that read the U-Net as x0 or v fail while the eps chain holds."""
+    import torch_ref.sampling as torch_sampling
+
+    real = torch_sampling.predict_x0
+    monkeypatch.setattr(torch_sampling, "predict_x0", lambda d, out, x, t, prediction="eps": real(d, out, x, t))
+    for component in ("chain 100 steps ddpm beta_tilde clip cosine read as x0: x0",
+                      "chain 100 steps ddpm beta_tilde clip cosine read as v: trajectory"):
+        _fails(_run(fresh_ctx, component))
+    row = _run(fresh_ctx, "chain 100 steps ddpm beta_tilde clip cosine: x0")
+    assert row.passed, row.message()
+
+
 def test_oracle_adapter_exact_argument_for_float32_fails(monkeypatch, fresh_ctx):
     """The oracle adapter evaluating the 'embedding' row at the exact argument: 'vs oracle' fails, 'vs exact' holds."""
     real = oracle_ref.sinusoidal_embedding

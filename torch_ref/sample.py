@@ -4,7 +4,8 @@
     python -m torch_ref.sample --weights model.safetensors --out x.npz --noise noise.npz
 
 The weights file is what ``torch_ref.weights.save_unet`` or ``jax-ddpm convert --out``
-writes (the schedule comes from its metadata). ``--noise`` replaces every random draw:
+writes (the schedule comes from its metadata, and so does what the network outputs: its
+``prediction``, eps, x0 or v; a file without it holds an eps model; the chapter loop reads eps only). ``--noise`` replaces every random draw:
 an .npz with ``x_T`` [N, H, W, C] and ``noises`` [T, N, H, W, C] (float32, NHWC like
 image files; ``noises[i]`` is added at step ``i``) -- the file ``jax-ddpm sample --noise``
 reads, so both frameworks can be fed the same numbers. Outputs are NHWC too: a PNG grid,
@@ -21,12 +22,13 @@ import numpy as np
 import torch
 
 from .diffusion import DiffusionProcess
-from .sampling import chapter_sample, chapter_step, p_sample, sample
+from .sampling import PREDICTIONS, chapter_sample, chapter_step, p_sample, sample
 from .weights import load_unet
 
 
 @torch.no_grad()
-def sample_with_batch_stats(model, diffusion, x_T, noises=None, sampler="ddpm", clip_denoised=True, generator=None):
+def sample_with_batch_stats(model, diffusion, x_T, noises=None, sampler="ddpm", clip_denoised=True, generator=None,
+                            prediction="eps"):
     """The same chains with BatchNorm normalising by the sample batch's statistics.
 
     The model runs in training mode with every BatchNorm's momentum set to 0, so the
@@ -41,7 +43,7 @@ def sample_with_batch_stats(model, diffusion, x_T, noises=None, sampler="ddpm", 
     for i in range(diffusion.timesteps - 1, -1, -1):
         z = None if noises is None else noises[i]
         if sampler == "ddpm":
-            x = p_sample(model, diffusion, x, i, z, "beta_tilde", clip_denoised, generator)
+            x = p_sample(model, diffusion, x, i, z, "beta_tilde", clip_denoised, generator, prediction)
         else:
             x = chapter_step(model, diffusion, x, i, z, generator)
     model.eval()
@@ -106,6 +108,13 @@ def main(argv=None):
     except (OSError, ValueError) as e:  # a missing file, another architecture, bad metadata
         p.error(f"--weights {' '.join(str(e).split())}")
     diffusion = DiffusionProcess(int(meta["timesteps"]), meta["schedule"])
+    prediction = meta.get("prediction", "eps")  # X1: files written before prediction types hold eps models
+    if prediction not in PREDICTIONS:
+        p.error(f"--weights {a.weights}: bad metadata (prediction must be one of {', '.join(PREDICTIONS)}, "
+                f"got {prediction!r})")
+    if a.sampler == "chapter" and prediction != "eps":
+        p.error(f"--sampler chapter: the chapter's printed loop reads a noise (eps) model; --weights {a.weights} "
+                f"holds a {prediction} model (use --sampler ddpm)")
     channels = int(meta["img_channels"])
     if a.noise is not None:
         try:
@@ -119,10 +128,10 @@ def main(argv=None):
         x_T = torch.randn((a.num, channels, size, size), generator=generator)
         noises = None
     if a.bn_stats == "batch":
-        x0 = sample_with_batch_stats(model, diffusion, x_T, noises, a.sampler, a.clip_denoised, generator)
+        x0 = sample_with_batch_stats(model, diffusion, x_T, noises, a.sampler, a.clip_denoised, generator, prediction)
     elif a.sampler == "ddpm":
         x0 = sample(model, diffusion, x_T, noises, variance="beta_tilde", clip_denoised=a.clip_denoised,
-                    generator=generator)
+                    generator=generator, prediction=prediction)
     else:
         x0 = chapter_sample(model, diffusion, x_T, noises, generator=generator)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

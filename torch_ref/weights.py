@@ -3,7 +3,8 @@
 The file holds the UNet's state_dict under its own names, and its metadata holds the
 model and schedule settings as strings: img_channels, time_emb_dim, features
 (comma-separated), timesteps, schedule. ``jax_ddpm.convert`` writes and reads the same,
-plus ``arch`` (``chapter``; another architecture is refused here).
+plus ``arch`` (``chapter``; another architecture is refused here), ``image_size``, ``step`` and
+``prediction`` (what the network outputs: eps, x0 or v; ``torch_ref.sample`` reads it, X1).
 """
 from __future__ import annotations
 

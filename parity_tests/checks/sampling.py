@@ -60,29 +60,32 @@ def check_sampler_step(ctx: Context, ref: Reference, step: int, variance: str, c
 
 
 def _chain_run(ctx: Context, ref: Reference, sampler: str, variance: str, clip: bool, kind: str, timesteps: int,
-               trained: bool, net: Net):
+               trained: bool, net: Net, prediction: str = "eps"):
     """One chain on both sides from the same x_T and pre-drawn noise [T, B, H, W, C].
 
     Runs the libraries' own samplers (the reference's ``sample``; jax_ddpm's ddpm_sample /
     chapter_sample through ``get_sampler``, jitted as make_sample_fn does) and records the
     state every step feeds the U-Net (the adapter's record; ``jax.debug.callback`` in the JAX
     eps_fn): the unclamped trajectory x_{T-1} .. x_0, not hidden by the final clamp.
+    ``prediction``: the U-Net's output read as eps, x0 or v on both sides (the network is the
+    same eps-trained one: what is compared is each library's reading of an x0 or v output).
     """
 
     def build():
         model, fns, variables = _sampler_model(ctx, ref, net, trained)
-        gen = rng("chain", sampler, variance, clip, kind, timesteps, trained, net)
+        gen = rng("chain", sampler, variance, clip, kind, timesteps, trained, net)  # the same draws for every prediction
         shape = (net.batch, net.size, net.size, net.img_channels)
         x_T = cast(normal(gen, shape), net)
         noise = cast(normal(gen, (timesteps,) + shape), net)  # row i is added at step i
-        theirs, ref_traj = ref.sample(ctx, model, sampler, kind, timesteps, x_T, noise, variance, clip)
+        theirs, ref_traj = ref.sample(ctx, model, sampler, kind, timesteps, x_T, noise, variance, clip,
+                                      **({} if prediction == "eps" else {"prediction": prediction}))
         jax_traj: dict[int, np.ndarray] = {}
 
         def record(x, t):
             jax_traj[int(np.asarray(t)[0])] = np.asarray(x)
 
         def build_fn():
-            opts = {} if sampler == "chapter" else {"variance": variance, "clip_denoised": clip}
+            opts = {} if sampler == "chapter" else {"variance": variance, "clip_denoised": clip, "prediction": prediction}
             fn = sampling.get_sampler(sampler)
 
             def eps_fn_of(v):
@@ -98,14 +101,15 @@ def _chain_run(ctx: Context, ref: Reference, sampler: str, variance: str, clip: 
         jax.effects_barrier()
         return ours, theirs, ref_traj, jax_traj
 
-    return ctx.memo(("chain", ref.name, sampler, variance, clip, kind, timesteps, trained, net), build)
+    return ctx.memo(("chain", ref.name, sampler, variance, clip, kind, timesteps, trained, net, prediction), build)
 
 
 def check_chain(ctx: Context, ref: Reference, part: str, sampler: str, variance: str = "beta_tilde",
                 clip: bool = False, kind: str = "cosine", timesteps: int = 100, trained: bool = True,
-                net: Net = SAMPLER_NET) -> Measure:
+                net: Net = SAMPLER_NET, prediction: str = "eps") -> Measure:
     """A whole chain: ``part='x0'`` the clamped output; ``'trajectory'`` every step's state, rel to its scale."""
-    ours, theirs, ref_traj, jax_traj = _chain_run(ctx, ref, sampler, variance, clip, kind, timesteps, trained, net)
+    ours, theirs, ref_traj, jax_traj = _chain_run(ctx, ref, sampler, variance, clip, kind, timesteps, trained, net,
+                                                  prediction)
     model_note = "trained" if trained else "random-init"
     if part == "x0":
         at_edge = float(np.mean(np.abs(theirs) >= 1.0))

@@ -172,11 +172,13 @@ class Reference:
         self._unsupported("sampler")
 
     def sample(self, ctx: "Context", model: Any, sampler: str, kind: str, timesteps: int, x_T: np.ndarray,
-               noise: np.ndarray, variance: str, clip: bool) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+               noise: np.ndarray, variance: str, clip: bool,
+               prediction: str = "eps") -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """A whole chain from x_T with noise [T, B, H, W, C] (row i added at step i).
 
         Returns (the clamped x_0, ``{t: the state fed to the U-Net at step t}``).
-        ``sampler``: 'ddpm' (``variance``, ``clip``) or 'chapter' (the chapter's loop).
+        ``sampler``: 'ddpm' (``variance``, ``clip``) or 'chapter' (the chapter's loop);
+        ``prediction``: what the model's output is read as (eps, x0 or v).
         """
         self._unsupported("chain")
 

@@ -195,7 +195,7 @@ class DiffusersReference(TorchModuleReference):
 
     # ------------------------------------------------------------------ sampling
 
-    def sample(self, ctx, model, sampler, kind, timesteps, x_T, noise, variance, clip):
+    def sample(self, ctx, model, sampler, kind, timesteps, x_T, noise, variance, clip, prediction="eps"):
         """DDPMPipeline's loop from x_T, the check's noise row t added at step t (``_ddpm_step``).
 
         Returns ``x.clamp(-1, 1)`` (the pipeline's last line is the same clamp written for
@@ -203,6 +203,8 @@ class DiffusersReference(TorchModuleReference):
         """
         if sampler != "ddpm":
             self._unsupported(f"the {sampler!r} sampler")
+        if prediction != "eps":
+            self._unsupported(f"a {prediction} model in this chain (the analytic-denoiser rows compare those)")
         torch = _torch()
         sched = scheduler(timesteps, kind, variance, clip)
         sched.set_timesteps(timesteps)

@@ -171,8 +171,9 @@ class TorchRefReference(TorchModuleReference):
         return to_np(p_sample(model, self.diffusion(ctx, timesteps, kind), to_torch(ctx, x, True), step,
                               to_torch(ctx, z, True), variance, clip), nhwc=True)
 
-    def sample(self, ctx, model, sampler, kind, timesteps, x_T, noise, variance, clip):
-        """torch_ref.sample / chapter_sample; a forward pre-hook records every step's U-Net input."""
+    def sample(self, ctx, model, sampler, kind, timesteps, x_T, noise, variance, clip, prediction="eps"):
+        """torch_ref.sample / chapter_sample; a forward pre-hook records every step's U-Net input.
+        ``prediction``: the model's output read as eps, x0 or v (torch_ref's X1; the chapter loop: eps)."""
         from torch_ref.sampling import chapter_sample, sample
 
         torch = _torch()
@@ -184,9 +185,11 @@ class TorchRefReference(TorchModuleReference):
             lambda m, args: traj.__setitem__(int(args[1][0]), to_np(args[0], nhwc=True)))
         try:
             if sampler == "chapter":
+                if prediction != "eps":
+                    self._unsupported(f"the chapter loop with a {prediction} model")
                 x0 = chapter_sample(model, diff, to_torch(ctx, x_T, True), noise_t)
             else:
-                x0 = sample(model, diff, to_torch(ctx, x_T, True), noise_t, variance, clip)
+                x0 = sample(model, diff, to_torch(ctx, x_T, True), noise_t, variance, clip, prediction=prediction)
         finally:
             hook.remove()
         return to_np(x0, nhwc=True), traj
