@@ -168,3 +168,35 @@ def test_import_not_safetensors(tmp_path, capsys):
     junk.write_bytes(b"\x00" * 64)
     err = _fails(["convert", "--from-torch", str(junk), "--workdir", str(tmp_path / "new")], capsys)
     assert "junk.safetensors" in err
+
+
+def _relabel(src, dst, **meta):
+    with safe_open(str(src), framework="numpy") as f:
+        old = f.metadata()
+    save_file(load_file(str(src)), str(dst), metadata={**old, **meta})
+
+
+def test_torch_ref_reads_the_files_prediction(exported, noise_file, tmp_path, capsys):
+    """The shared run is trained at today's default, x0 (the agreement above is an x0 chain); the
+    same weights labelled eps sample otherwise in torch_ref; the chapter loop and an unknown
+    type are refused in one line."""
+    assert load_unet(exported)[1]["prediction"] == "x0"
+    eps_file, bad = tmp_path / "eps.safetensors", tmp_path / "bad.safetensors"
+    _relabel(exported, eps_file, prediction="eps")
+    _relabel(exported, bad, prediction="score")
+    outs = []
+    for weights in (exported, eps_file):
+        out = tmp_path / f"{weights.stem}.npz"
+        assert torch_sample.main(["--weights", str(weights), "--out", str(out), "--noise", str(noise_file),
+                                  "--bn-stats", "running"]) == 0
+        outs.append(np.load(out)["samples"])
+    assert np.abs(outs[0] - outs[1]).max() > 0.1
+    capsys.readouterr()
+    for weights, argv, says in ((exported, ["--sampler", "chapter"], "the chapter's printed loop reads a noise (eps) "
+                                                                      "model; --weights"),
+                                (bad, [], "bad metadata (prediction must be one of eps, x0, v, got 'score')")):
+        with pytest.raises(SystemExit) as e:
+            torch_sample.main(["--weights", str(weights), "--out", str(tmp_path / "x.png"), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and says in err[-1], err
+    assert not (tmp_path / "x.png").exists()

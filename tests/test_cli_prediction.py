@@ -137,9 +137,13 @@ def test_resume_with_another_prediction_is_refused(v_run, tmp_path, capsys, pred
 
 
 def test_identities_without_the_field_are_eps():
+    """Not today's default (x0): what runs saved before --prediction computed."""
     new = cfg.identity(cfg.TrainConfig(workdir="w"))
+    assert new["diffusion.prediction"] == "x0"
     old = {k: v for k, v in new.items() if k != "diffusion.prediction"}
-    assert new["diffusion.prediction"] == "eps" and cfg.identity_mismatch(old, new) is None
+    assert cfg.identity_mismatch(old, new) == "--prediction was eps, now x0"
+    eps = cfg.identity(cfg.TrainConfig(workdir="w", diffusion=cfg.DiffusionConfig(prediction="eps")))
+    assert cfg.identity_mismatch(old, eps) is None
     v = cfg.identity(cfg.TrainConfig(workdir="w", diffusion=cfg.DiffusionConfig(prediction="v")))
     assert cfg.identity_mismatch(old, v) == "--prediction was eps, now v"
     assert cfg.train_config_from_identity("w", old).diffusion.prediction == "eps"

@@ -121,3 +121,51 @@ def test_resume_with_other_settings_is_refused(tmp_path, reference_run, capsys):
     assert "--lr was 0.001, now 0.01" in err
     after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(workdir) for p in fs}
     assert after == before
+
+
+def _saved_identity(workdir, step=STEPS) -> dict:
+    from jax_ddpm.app.config import complete_identity
+
+    meta = json.load(open(os.path.join(ckpt.checkpoint_dir(str(workdir)), str(step), "meta", "metadata")))
+    return complete_identity(meta["identity"])
+
+
+def _config_for(argv):
+    from jax_ddpm.app.cli import build_parser, given_options
+    from jax_ddpm.app.config import train_config_from_args
+    from jax_ddpm.app.resume_settings import with_run_settings
+
+    return with_run_settings(train_config_from_args(build_parser().parse_args(argv)), given_options(argv))
+
+
+def test_resume_takes_the_options_not_given_from_the_run(reference_run):
+    """The bare command on the tiny run: every identity option is the run's (not today's defaults);
+    an option given stays as given (and check_resume then refuses it, the test above)."""
+    from jax_ddpm.app.config import TrainConfig, identity
+
+    saved = _saved_identity(reference_run)
+    assert saved["model.features"] != list(TrainConfig(workdir="").model.features)  # the test can fail
+    config, taken = _config_for(["train", "--workdir", str(reference_run)])
+    assert identity(config) == saved
+    assert taken["model.features"] == [8, 16, 32, 64] and taken["diffusion.timesteps"] == 10
+    assert "optim.lr" not in taken and "diffusion.schedule" not in taken  # the same as the defaults
+    config, taken = _config_for(["train", "--workdir", str(reference_run), "--lr", "0.01", "--features=16,32,64,128"])
+    assert config.optim.lr == 0.01 and list(config.model.features) == [16, 32, 64, 128]
+    assert config.model.image_size == saved["model.image_size"] and config.optim.batch_size == saved["optim.batch_size"]
+    assert "model.features" not in taken and "optim.lr" not in taken
+    config, taken = _config_for(["train", "--workdir", str(reference_run), "--schedule", "linear"])
+    assert config.diffusion.schedule == "linear" and config.model.features == (8, 16, 32, 64)
+
+
+def test_bare_command_resumes_and_says_what_it_took(tmp_path, reference_run, capsys):
+    import shutil
+
+    from jax_ddpm.cli import main
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference_run, workdir)
+    assert main(["train", "--workdir", str(workdir), "--steps", str(STEPS)]) == 0  # already there: nothing trained
+    err = capsys.readouterr().err
+    assert "with its own settings for the options not given: " in err and "--features 8,16,32,64" in err
+    assert "--timesteps 10" in err and "--lr" not in err, err
+    assert f"already at step {STEPS}" in err

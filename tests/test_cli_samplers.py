@@ -93,7 +93,7 @@ def test_dpmpp_2m_follows_the_runs_clipping(run_dir, tmp_path):
     key = jax.random.key(3)
     x_T = jax.random.normal(jax.random.fold_in(key, 0), (N, S, S, 1))
     got = {clip: np.asarray(make_sample_fn(build_model(run.config), "dpmpp_2m", "batch", num_steps=4,
-                                           clip_denoised=clip)(run.state.ema_variables, run.state.schedule, x_T,
+                                           clip_denoised=clip, prediction=run.config.diffusion.prediction)(run.state.ema_variables, run.state.schedule, x_T,
                                                                jax.random.fold_in(key, 1)))
            for clip in (True, False)}
     assert np.array_equal(ours, got[True])

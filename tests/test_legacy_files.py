@@ -2,9 +2,12 @@
 
 The work folder stops at step 4; ``step6_uninterrupted.safetensors`` is what that old code
 computed training the same run to step 6 without stopping (README.md beside the files says
-how both were made). Resuming the old folder with today's code must give those tensors bit
-for bit. The commands run in a fresh process, as a user runs them, so that the XLA flags the
-command adds (``--xla-flags auto``) are the ones the old files were made with.
+how both were made). Resuming the old folder with today's code, with the old command (no
+``--prediction``: the folder's eps is taken, not today's default), must give those tensors: bit
+for bit on the CPU that made the files, to float32 rounding on another one (XLA:CPU picks other
+kernels for another instruction set, so steps 5 and 6 round otherwise). The commands run in a fresh process, as a
+user runs them, so that the XLA flags the command adds (``--xla-flags auto``) are the ones the
+old files were made with.
 """
 from __future__ import annotations
 
@@ -53,14 +56,32 @@ def resumed(tmp_path_factory):
     return root, proc
 
 
+# The resumed step 6 vs the old code's (max over tensors of max|a - b| / max|b|): 0 on the CPU that
+# made the files; 1.5e-4 (up1.bnorm.running_mean; 31 of 82 tensors not bit-equal) on an AVX-512/AMX
+# Xeon. Steps 5 and 6 themselves move the tensors by up to 0.51 on this measure (step 4's file vs
+# step 6's), so a resume that loses, repeats or mis-reads a step is far outside it.
+OTHER_CPU_REL = 1e-3
+
+
 def test_old_work_folder_resumes_to_the_same_bits(resumed):
     root, _ = resumed
     got, meta = load_safetensors(root / "step6.safetensors")
-    want, _ = load_safetensors(LEGACY / "step6_uninterrupted.safetensors")
+    old, _ = load_safetensors(LEGACY / "step6_uninterrupted.safetensors")
+    step4, _ = load_safetensors(LEGACY / "model.safetensors")
     assert meta["step"] == "6"
-    assert sorted(got) == sorted(want)
-    differ = [k for k in want if got[k].dtype != want[k].dtype or not np.array_equal(got[k], want[k])]
-    assert not differ, f"{len(differ)} tensors differ from the old code's uninterrupted run, e.g. {differ[:3]}"
+    assert sorted(got) == sorted(old)
+    assert all(got[k].dtype == old[k].dtype for k in old)
+
+    def worst(a):
+        rel = {k: float(np.abs(a[k].astype(np.float64) - old[k]).max() / max(float(np.abs(old[k]).max()), 1e-30))
+               for k in old}
+        k = max(rel, key=rel.get)
+        return k, rel[k], sum(not np.array_equal(a[k], old[k]) for k in old)
+
+    name, rel, differ = worst(got)
+    print(f"resumed step 6 vs the old code's: {differ} of {len(old)} tensors not bit-equal, worst {name} {rel:.2e}")
+    assert rel <= OTHER_CPU_REL, f"{name}: max rel {rel:.2e} from the old code's uninterrupted run ({differ} differ)"
+    assert worst(step4)[1] > 100 * OTHER_CPU_REL  # two steps of training are far outside the tolerance
 
 
 def test_old_work_folder_resumed_from_its_checkpoint(resumed):

@@ -228,12 +228,25 @@ def _warn_deprecated(args: argparse.Namespace) -> None:
         warning("--steps is deprecated, use --checkpoint-step", prog=f"{PROG} {args.command}")
 
 
-def _dispatch(args: argparse.Namespace, train_hooks) -> int:
+def given_options(argv: Sequence[str]) -> frozenset[str]:
+    """The argparse dests ``argv`` (a valid ``train`` command line) sets itself, not by default:
+    it is parsed again with every default of ``train`` replaced by a marker."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train_parser = commands.choices["train"]
+    unset = object()
+    train_parser.set_defaults(**{a.dest: unset for a in train_parser._actions if a.dest != "help"})
+    args = parser.parse_args(list(argv))
+    return frozenset(k for k, v in vars(args).items() if v is not unset)
+
+
+def _dispatch(args: argparse.Namespace, train_hooks, argv: Sequence[str] = ()) -> int:
     if args.command == "train":
         config = train_config_from_args(args)
         _set_xla_flags(args.xla_flags, quiet=config.quiet)
         from .train import train
-        return train(config, hooks=train_hooks)
+        # on a folder that holds a run, the options not given are the run's (app.resume_settings)
+        return train(config, hooks=train_hooks, given=given_options(argv))
     _warn_deprecated(args)
     if args.command == "sample":
         config = sample_config_from_args(args)
@@ -277,12 +290,13 @@ def main(argv: Sequence[str] | None = None, *, train_hooks=None) -> int:
         status = run_external(argv[0], argv[1:])
         if status is not None:
             return status
+    argv = _join_negative_values(argv)
     try:
-        args = build_parser().parse_args(_join_negative_values(argv))
+        args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
         return int(e.code or 0)
     try:
-        return _dispatch(args, train_hooks)
+        return _dispatch(args, train_hooks, argv)
     except KeyboardInterrupt:
         return error("interrupted", EXIT_INTERRUPTED)
     except MemoryError:
@@ -303,7 +317,7 @@ def main(argv: Sequence[str] | None = None, *, train_hooks=None) -> int:
 
 
 __all__ = ["BN_HELP", "BUILTIN_COMMANDS", "COMMAND_GROUP", "EXTERNAL_COMMANDS", "HelpFormatter", "OneLineParser",
-           "PREDICTION_HELP", "TRAIN_EPILOG", "XLA_FLAGS_HELP", "build_parser", "find_command", "main",
+           "PREDICTION_HELP", "TRAIN_EPILOG", "XLA_FLAGS_HELP", "build_parser", "find_command", "given_options", "main",
            "run_external"]
 
 if __name__ == "__main__":

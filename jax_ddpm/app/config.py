@@ -16,8 +16,10 @@ options (``--steps``, ``--checkpoint-every``, ``--sample-every``, ``--eval-every
 quality rows are drawn beside the training and never change its weights, ...) may change, and
 so may the devices: N devices compute the same maths as one (``jax_ddpm.parallel``), so
 neither the device count nor ``--distributed`` is part of the identity. A field missing from a
-saved identity (``model.arch``: checkpoints written before the architecture registry) takes its
-default (:func:`complete_identity`).
+saved identity (``model.arch``: checkpoints written before the architecture registry;
+``diffusion.prediction``: before ``--prediction``) takes what those runs computed, not today's
+default (:func:`complete_identity`, ``FIELDS_ADDED_LATER``). ``jax-ddpm train`` on a folder that
+holds a run takes the options not given from the run (``app.resume_settings``).
 
 An architecture other than the chapter's is described by its own config, held as canonical
 JSON in ``ModelConfig.arch_config`` (``app.arch_options``); its fields compare one by one.
@@ -86,7 +88,9 @@ class DiffusionConfig:
     schedule: str = "cosine"
     beta_start: float = BETA_START  # the linear schedule's first and last beta (the cosine one has none)
     beta_end: float = BETA_END
-    prediction: str = "eps"  # what the network regresses (parameterization.PREDICTIONS); "eps" for older runs
+    # what the network regresses (parameterization.PREDICTIONS): the command's default, x0, scores far better on
+    # the digits (docs/quality.md); runs saved without the field are eps (FIELDS_ADDED_LATER)
+    prediction: str = "x0"
 
 
 @dataclass(frozen=True)
@@ -196,10 +200,20 @@ def identity(config: TrainConfig) -> dict[str, Any]:
     return flat
 
 
+# The identity fields added after the first release, at what runs saved without them computed.
+# Not today's defaults: a default may change (--prediction's did), what an old folder computed does not.
+FIELDS_ADDED_LATER: dict[str, Any] = {
+    "model.arch": "chapter", "model.arch_config": "",  # before the architecture registry
+    "diffusion.beta_start": BETA_START, "diffusion.beta_end": BETA_END,  # before --beta-start/--beta-end
+    "diffusion.prediction": "eps",  # before --prediction
+}
+
+
 def complete_identity(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """``saved`` with every field it lacks at today's default (``model.arch`` = the chapter's
-    U-Net for checkpoints written before the registry)."""
-    return {**identity(TrainConfig(workdir="")), **saved}
+    """``saved`` with every field it lacks: a field added after the first release at what runs
+    saved without it computed (``FIELDS_ADDED_LATER``: ``model.arch`` = the chapter's U-Net,
+    ``diffusion.prediction`` = eps, ...), any other at its default."""
+    return {**identity(TrainConfig(workdir="")), **FIELDS_ADDED_LATER, **saved}
 
 
 def identity_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], *, parts: tuple[str, ...] | None = None,
@@ -353,7 +367,7 @@ def train_config_from_args(args: Any) -> TrainConfig:
                                                                      args.image_size)))
     schedule = _choice("--schedule", args.schedule, SCHEDULES)
     diffusion = DiffusionConfig(timesteps=check_timesteps_option(args.timesteps), schedule=schedule,
-                                prediction=_choice("--prediction", getattr(args, "prediction", "eps"), PREDICTIONS),
+                                prediction=_choice("--prediction", getattr(args, "prediction", DiffusionConfig.prediction), PREDICTIONS),
                                 **betas_from_args(args, schedule))
     data = DataConfig(source=resolve_data_source(args.data), layout=_choice("--layout", args.layout, LAYOUTS))
     optim = OptimConfig(batch_size=_positive("--batch-size", args.batch_size),
@@ -436,7 +450,7 @@ def convert_config_from_args(args: Any) -> ConvertConfig:
 
 __all__ = [
     "ARCH_FIELD_OPTIONS", "ARCH_NAMES", "BN_STATS", "CHANNELS", "ConfigError", "ConvertConfig", "DEFAULT_EVAL_NUM",
-    "DTYPES", "MIN_EVAL_NUM",
+    "DTYPES", "FIELDS_ADDED_LATER", "MIN_EVAL_NUM",
     "SAMPLER_OPTION_NAMES", "SAMPLING_DEFAULTS", "VARIANCES", "given_sampler_options", "grid_sampler_settings",
     "sampler_option_names", "sampler_settings",
     "DataConfig", "DiffusionConfig", "LAYOUTS", "MIN_TIMESTEPS", "ModelConfig", "OPTION_NAMES", "OptimConfig",

@@ -134,9 +134,7 @@ def train_options(run_config: TrainConfig, source: str) -> list[str]:
     """The ``train`` options that describe an imported run's model and diffusion (to fine-tune it)."""
     m, d = run_config.model, run_config.diffusion
     opts = ["--arch", m.arch, "--unet2d-config", source, "--channels", str(m.channels), "--image-size",
-            str(m.image_size), "--timesteps", str(d.timesteps), "--schedule", d.schedule]
-    if d.prediction != "eps":
-        opts += ["--prediction", d.prediction]
+            str(m.image_size), "--timesteps", str(d.timesteps), "--schedule", d.schedule, "--prediction", d.prediction]
     if d.schedule == "linear" and (d.beta_start, d.beta_end) != (BETA_START, BETA_END):
         opts += ["--beta-start", repr(d.beta_start), "--beta-end", repr(d.beta_end)]
     return opts

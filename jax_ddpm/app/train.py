@@ -47,7 +47,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, Iterable, Mapping, TextIO
 
 import jax
 import numpy as np
@@ -62,6 +62,7 @@ from .config import ConfigError, TrainConfig, identity, to_dict
 from .console import EXIT_INTERRUPTED, EXIT_OK, InterruptFlag, NonFiniteError, Progress, StopAgain, exit_status
 from .devices import Devices, any_process, local_copy, setup_devices
 from .factories import build_schedule, init_state, make_step_fn, run_keys
+from . import resume_settings
 from .lock import WorkdirLock
 from .resume import Restored as _Restored, restore as _restore
 from .train_outputs import (PLOT_EVERY_S, QualityEvaluator, eval_due, eval_owed, record_evaluation, sample_grid_fn,
@@ -404,8 +405,14 @@ def _already_trained(config: TrainConfig, devices: Devices, restored: _Restored,
 
 
 # ----------------------------------------------------------------------------- entry point
-def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks | None = None) -> int:
+def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks | None = None,
+          given: Iterable[str] | None = None) -> int:
     """Runs ``jax-ddpm train``. Returns the exit status (0; 130 on Ctrl-C, 143 on SIGTERM).
+
+    ``given``: the options the command line set (argparse dests, ``cli.given_options``); on a
+    folder that holds a run, the identity options not among them take the run's values
+    (``app.resume_settings``, read after the devices are set up: JAX starts there), said in one
+    note. None (a caller's own config): ``config`` as it is.
 
     Raises:
       ConfigError, DataError, CheckpointError: bad input, before anything in the work
@@ -417,6 +424,8 @@ def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks |
     if config.eval_every:  # data without a feature extractor: refused before anything is read or written
         quality_data("--eval-every", config.data.source)
     devices = setup_devices(config)  # first: jax.distributed.initialize must precede any other JAX call
+    if given is not None:
+        config = resume_settings.apply(config, given, say=devices.primary and not config.quiet)
     images, data_fp = _load_data(config)
     check_train_target(config.workdir)  # an empty or new folder, or one jax-ddpm wrote
     lock = _lock(config, devices)  # one writer: held until this process ends
