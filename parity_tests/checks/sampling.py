@@ -85,7 +85,9 @@ def _chain_run(ctx: Context, ref: Reference, sampler: str, variance: str, clip: 
             jax_traj[int(np.asarray(t)[0])] = np.asarray(x)
 
         def build_fn():
-            opts = {} if sampler == "chapter" else {"variance": variance, "clip_denoised": clip, "prediction": prediction}
+            opts = {} if sampler == "chapter" else {"variance": variance, "clip_denoised": clip}
+            if prediction != "eps":  # (eps: the call the chain has always made)
+                opts["prediction"] = prediction
             fn = sampling.get_sampler(sampler)
 
             def eps_fn_of(v):
