@@ -20,7 +20,10 @@ also quality lines, "kind": "eval"), loss.png, quality.png (--eval-every), sampl
 (every --sample-every steps), samples.png (at the end) and checkpoints/N/ (orbax: params,
 BatchNorm statistics, optimizer state, EMA params, step, RNG key, data position). Running the
 same command again resumes from the latest complete checkpoint and reproduces an
-uninterrupted run bit for bit (CPU); only --steps, --checkpoint-every, --keep-checkpoints,
+uninterrupted run bit for bit (CPU). On resume the model, diffusion, data and optimizer
+options not given take the run's own values (also after a default changed: --prediction was
+eps before 2026-12-02), said in one note; one given with another value is refused. Only
+--steps, --checkpoint-every, --keep-checkpoints,
 --sample-every, --num-samples, the --sample-sampler options, --eval-every, --eval-num,
 --log-every and --quiet may change, and so may the devices and --xla-flags (other
 XLA flags may round differently, so bit for bit only with the same ones; config.json
