@@ -30,6 +30,7 @@ class TrainState(flax.struct.PyTreeNode):
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
     prediction: str = flax.struct.field(pytree_node=False, default="eps")  # what the model regresses: eps, x0, v
+    timestep_draw: str = flax.struct.field(pytree_node=False, default="per-image")  # see draw_t_and_noise
 
     @property
     def variables(self):
@@ -53,20 +54,21 @@ def make_optimizer(lr: float = 1e-3, grad_clip: float | None = None) -> optax.Gr
 
 def create_train_state(model, key: jax.Array, image_shape: tuple[int, int, int], schedule: DiffusionSchedule,
                        tx: optax.GradientTransformation, ema_decay: float = 0.0, *,
-                       prediction: str = "eps") -> TrainState:
+                       prediction: str = "eps", timestep_draw: str = "per-image") -> TrainState:
     """Initialises the model (torch's default init) for images of ``image_shape`` = (H, W, C).
 
     ``prediction``: what the model learns to output (``eps``, ``x0`` or ``v``; see
-    :mod:`jax_ddpm.parameterization`)."""
+    :mod:`jax_ddpm.parameterization`); ``timestep_draw``: see :func:`draw_t_and_noise`."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     # jitted: eager init of the U-Net dispatches hundreds of small ops
     variables = jax.jit(model.init, static_argnames="train")(key, x, jnp.zeros((1,), jnp.int32), train=True)
-    return train_state_from_variables(variables, model.apply, tx, schedule, ema_decay, prediction=prediction)
+    return train_state_from_variables(variables, model.apply, tx, schedule, ema_decay, prediction=prediction,
+                                      timestep_draw=timestep_draw)
 
 
 def train_state_from_variables(variables, apply_fn: Callable, tx: optax.GradientTransformation,
                                schedule: DiffusionSchedule, ema_decay: float = 0.0, step: int = 0, *,
-                               prediction: str = "eps") -> TrainState:
+                               prediction: str = "eps", timestep_draw: str = "per-image") -> TrainState:
     """The one place a ``TrainState`` is assembled: ``variables`` (``{'params'[, 'batch_stats']}``)
     with a fresh optimizer state (``tx.init``) and EMA equal to the parameters.
 
@@ -77,7 +79,8 @@ def train_state_from_variables(variables, apply_fn: Callable, tx: optax.Gradient
     return TrainState(step=jnp.asarray(step, jnp.int32), params=params, batch_stats=variables.get("batch_stats"),
                       opt_state=tx.init(params), schedule=jax.tree_util.tree_map(jnp.copy, schedule),
                       ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay else None,
-                      apply_fn=apply_fn, tx=tx, ema_decay=ema_decay, prediction=check_prediction(prediction))
+                      apply_fn=apply_fn, tx=tx, ema_decay=ema_decay, prediction=check_prediction(prediction),
+                      timestep_draw=check_timestep_draw(timestep_draw))
 
 
 def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, noise, dropout_key=None,
@@ -137,10 +140,29 @@ def train_step_with_noise(state: TrainState, x0: jnp.ndarray, t: jnp.ndarray, no
     return apply_gradients(state, grads, batch_stats), metrics
 
 
-def draw_t_and_noise(key: jax.Array, step: jnp.ndarray, x0: jnp.ndarray, timesteps: int):
-    """t ~ U{0..T-1} and eps ~ N(0, I) from ``fold_in(key, step)``."""
+TIMESTEP_DRAWS = ("per-image", "per-batch")
+
+
+def check_timestep_draw(draw: str) -> str:
+    if draw not in TIMESTEP_DRAWS:
+        raise ValueError(f"timestep_draw must be one of {TIMESTEP_DRAWS}, got {draw!r}")
+    return draw
+
+
+def draw_t_and_noise(key: jax.Array, step: jnp.ndarray, x0: jnp.ndarray, timesteps: int,
+                     timestep_draw: str = "per-image"):
+    """t ~ U{0..T-1} and eps ~ N(0, I) from ``fold_in(key, step)``.
+
+    ``timestep_draw``: ``'per-image'`` draws a t for each image (Ho et al.'s Algorithm 1);
+    ``'per-batch'`` gives every image of the batch the first image's t (the same key, so the
+    first t is the same in both). A model whose BatchNorm is normalised with the statistics of
+    the sample batch while sampling (the chapter's U-Net: every image of a sampling batch is at
+    the same t) then sees the same kind of batch in training as in sampling; docs/quality.md
+    measures what that does to the samples."""
     k_t, k_n = jax.random.split(jax.random.fold_in(key, step))
     t = jax.random.randint(k_t, (x0.shape[0],), 0, timesteps, jnp.int32)
+    if check_timestep_draw(timestep_draw) == "per-batch":
+        t = jnp.full_like(t, t[0])
     return t, jax.random.normal(k_n, x0.shape, jnp.float32)
 
 
@@ -159,5 +181,5 @@ def dropout_key_at(key: jax.Array, step: jnp.ndarray) -> jax.Array:
 def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array):
     """Pure step: draws t and noise from ``fold_in(key, state.step)`` and the dropout key from
     :func:`dropout_key_at`. Jit with ``donate_argnums=0``."""
-    t, noise = draw_t_and_noise(key, state.step, batch, state.schedule.timesteps)
+    t, noise = draw_t_and_noise(key, state.step, batch, state.schedule.timesteps, state.timestep_draw)
     return train_step_with_noise(state, batch, t, noise, dropout_key_at(key, state.step))

@@ -44,6 +44,7 @@ from ..parallel import DTYPES
 from ..parameterization import PREDICTIONS
 from ..sampling import BN_STATS, SAMPLERS
 from ..schedules import BETA_END, BETA_START, MIN_TIMESTEPS, SCHEDULES
+from ..training import TIMESTEP_DRAWS
 from .arch_options import (ARCH_CONFIG_FIELD, NOT_COMPARED_FIELDS, UNET2D_FIELD_OPTIONS, arch_config_from_args,
                            arch_error, canonical_arch_config)
 from .checks import ConfigError, betas_from_args, check_timesteps_option, checkpoint_step_from_args
@@ -66,6 +67,7 @@ OPTION_NAMES = {
     "model.arch_config": "--unet2d-config",
     "diffusion.timesteps": "--timesteps", "diffusion.schedule": "--schedule",
     "diffusion.beta_start": "--beta-start", "diffusion.beta_end": "--beta-end", "diffusion.prediction": "--prediction",
+    "diffusion.timestep_draw": "--timestep-draw",
     "data.source": "--data", "data.layout": "--layout",
     "optim.batch_size": "--batch-size", "optim.lr": "--lr", "optim.ema_decay": "--ema-decay",
     "optim.grad_clip": "--grad-clip", "seed": "--seed",
@@ -96,6 +98,7 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     "model.arch": "chapter", "model.arch_config": "",  # before the architecture registry
     "diffusion.beta_start": BETA_START, "diffusion.beta_end": BETA_END,  # before --beta-start/--beta-end
     "diffusion.prediction": "eps",  # before --prediction
+    "diffusion.timestep_draw": "per-image",  # before --timestep-draw
 }
 
 
@@ -245,6 +248,13 @@ def check_image_size(size: int, multiple: int | None = None, arch: str = DEFAULT
     return size
 
 
+def default_timestep_draw(arch: str) -> str:
+    """``--timestep-draw`` when not given: per-batch for the chapter's U-Net, whose BatchNorm samples
+    with the statistics of a batch of images all at one t (trained so, its samples score far better:
+    docs/quality.md), per-image for an architecture without batch statistics."""
+    return "per-batch" if arch == "chapter" else "per-image"
+
+
 def train_config_from_args(args: Any) -> TrainConfig:
     """Validates the ``train`` namespace. Raises ConfigError (one line)."""
     arch = _choice("--arch", getattr(args, "arch", DEFAULT_ARCH), ARCH_NAMES)
@@ -258,6 +268,8 @@ def train_config_from_args(args: Any) -> TrainConfig:
     schedule = _choice("--schedule", args.schedule, SCHEDULES)
     diffusion = DiffusionConfig(timesteps=check_timesteps_option(args.timesteps), schedule=schedule,
                                 prediction=_choice("--prediction", getattr(args, "prediction", DiffusionConfig.prediction), PREDICTIONS),
+                                timestep_draw=_choice("--timestep-draw", getattr(args, "timestep_draw", None)
+                                                      or default_timestep_draw(arch), TIMESTEP_DRAWS),
                                 **betas_from_args(args, schedule))
     data = DataConfig(source=resolve_data_source(args.data), layout=_choice("--layout", args.layout, LAYOUTS))
     optim = OptimConfig(batch_size=_positive("--batch-size", args.batch_size),

@@ -41,6 +41,10 @@ class DiffusionConfig:
     # what the network regresses (parameterization.PREDICTIONS): the command's default, x0, scores far better on
     # the digits (docs/quality.md); runs saved without the field are eps (FIELDS_ADDED_LATER)
     prediction: str = "x0"
+    # how training draws t (training.TIMESTEP_DRAWS): per-image, what every run before the field did (and what
+    # a folder made by convert gets). `train`'s default depends on the architecture (config.default_timestep_draw):
+    # per-batch for the chapter's U-Net (BatchNorm with the sampling batch's statistics; docs/quality.md)
+    timestep_draw: str = "per-image"
 
 
 @dataclass(frozen=True)

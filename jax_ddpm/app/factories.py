@@ -54,7 +54,8 @@ def make_init_fn(config: TrainConfig) -> Callable[[jax.Array, DiffusionSchedule]
 
     def init(key, schedule):
         return create_train_state(model, key, shape, schedule, tx, config.optim.ema_decay,
-                                  prediction=config.diffusion.prediction)
+                                  prediction=config.diffusion.prediction,
+                                  timestep_draw=config.diffusion.timestep_draw)
 
     return init
 
@@ -77,7 +78,8 @@ def state_from_variables(config: TrainConfig, variables, ema_params=None) -> Tra
     variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
     state = train_state_from_variables(variables, build_model(config).apply, build_optimizer(config),
                                        build_schedule(config), config.optim.ema_decay,
-                                       prediction=config.diffusion.prediction)
+                                       prediction=config.diffusion.prediction,
+                                       timestep_draw=config.diffusion.timestep_draw)
     if ema_params is not None and state.ema_params is not None:
         state = state.replace(ema_params=jax.tree_util.tree_map(jnp.array, ema_params))
     return state

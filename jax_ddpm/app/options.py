@@ -9,6 +9,7 @@ import argparse
 from ..models.registry import ARCH_NAMES, ARCHITECTURES, DEFAULT_ARCH
 from ..parameterization import PREDICTIONS
 from ..samplers import SPACINGS
+from ..training import TIMESTEP_DRAWS
 from .arch_options import add_unet2d_arguments
 from .config import (BN_STATS, CHANNELS, DTYPES, LAYOUTS, MIN_TIMESTEPS, SAMPLERS, SCHEDULES, DiffusionConfig,
                      ModelConfig, OptimConfig, TrainConfig, default_size_multiple)
@@ -115,6 +116,11 @@ def _add_train_model(p, m: ModelConfig, d: DiffusionConfig) -> None:
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES,
                    help="compute dtype of the network; parameters, optimizer state and the loss stay float32")
     g.add_argument("--prediction", default=d.prediction, choices=PREDICTIONS, help=PREDICTION_HELP)
+    g.add_argument("--timestep-draw", default=None, choices=TIMESTEP_DRAWS,
+                   help="how training draws t: per-image (Ho et al.'s Algorithm 1) or per-batch (one t for the "
+                        "whole batch, as a sampling batch is: the chapter's U-Net samples with the BatchNorm "
+                        "statistics of that batch). Part of the run's identity (default: per-batch for --arch "
+                        "chapter, per-image otherwise; runs saved before the option: per-image)")
 
 
 def _add_train_optim(p, o: OptimConfig, t: TrainConfig) -> None:

@@ -41,6 +41,7 @@ GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("diffusion.timesteps",), ("timesteps",)),
     (("diffusion.schedule", "diffusion.beta_start", "diffusion.beta_end"), ("schedule", "beta_start", "beta_end")),
     (("diffusion.prediction",), ("prediction",)),
+    (("diffusion.timestep_draw",), ("timestep_draw",)),
     (("data.source",), ("data",)),
     (("data.layout",), ("layout",)),
     (("optim.batch_size",), ("batch_size",)),
