@@ -59,7 +59,7 @@ class DataConfig:
 class OptimConfig:
     batch_size: int = 32
     lr: float = 1e-3
-    ema_decay: float = 0.995
+    ema_decay: float = 0.999
     grad_clip: float = 1.0  # 0 = no clipping
 
 
@@ -71,7 +71,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
-    steps: int = 3000
+    steps: int = 6000
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0 = only at the end
