@@ -54,12 +54,10 @@ def run_one(workdir: str, sampler: str, steps: int | None, num: int, seed: int) 
     return result
 
 
-def grid_seconds(workdir: str, sampler: str, steps: int | None, num: int = 64, repeats: int = 3,
-                 seed: int = 0) -> list[float]:
-    """Wall seconds of ``repeats`` runs of the compiled chain on a ``num``-image grid, the program
-    ``jax-ddpm sample --num num`` runs (the work folder's EMA weights, its clipping and variance,
-    one chunk; with BatchNorm batch statistics one batched chain, else the per-image one), after
-    one untimed run that compiles it. Loading, the memory estimate and the PNG are not timed.
+def compiled_chain(workdir: str, sampler: str, steps: int | None, num: int = 64, seed: int = 0, x_T=None):
+    """The program ``jax-ddpm sample --num num`` runs, as a function of nothing: the work
+    folder's EMA weights, its clipping and variance, one chunk; with BatchNorm batch statistics
+    one batched chain, else the per-image one; x_T drawn as ``sample`` draws it unless given.
 
     It takes draw_samples' one-chunk path (the same cached programs, ``_cached_sample_fn`` and
     ``_per_image``, the same x_T and noise keys) rather than calling draw_samples, whose memory
@@ -79,16 +77,27 @@ def grid_seconds(workdir: str, sampler: str, steps: int | None, num: int = 64, r
     sample_fn = app_sample._cached_sample_fn(run.config.model, sampler, config.bn_stats,
                                              tuple(sorted(dict(options, prediction=prediction).items())))
     key = jax.random.key(seed)
-    x_T = jax.random.normal(jax.random.fold_in(key, 0), (num,) + tuple(image_shape(run.config)))
+    if x_T is None:
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), (num,) + tuple(image_shape(run.config)))
     variables, schedule = run.state.ema_variables, run.state.schedule
     if get_arch(run.config.model.arch).has_batch_stats and run.state.batch_stats is not None:
         def chain():
             return sample_fn(variables, schedule, x_T, jax.random.fold_in(key, 1))
     else:
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, 1), i))(jax.numpy.arange(num))
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, 1), i))(jax.numpy.arange(len(x_T)))
 
         def chain():
             return app_sample._per_image(sample_fn)(variables, schedule, x_T, keys)
+    return chain
+
+
+def grid_seconds(workdir: str, sampler: str, steps: int | None, num: int = 64, repeats: int = 3,
+                 seed: int = 0) -> list[float]:
+    """Wall seconds of ``repeats`` runs of :func:`compiled_chain` on a ``num``-image grid, after
+    one untimed run that compiles it. Loading, the memory estimate and the PNG are not timed."""
+    import jax
+
+    chain = compiled_chain(workdir, sampler, steps, num, seed)
     jax.block_until_ready(chain())  # compiles
     times = []
     for _ in range(repeats):
