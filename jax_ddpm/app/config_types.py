@@ -57,7 +57,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    batch_size: int = 32
+    batch_size: int = 48
     lr: float = 1e-3
     ema_decay: float = 0.999
     grad_clip: float = 1.0  # 0 = no clipping
@@ -71,7 +71,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
-    steps: int = 6000
+    steps: int = 4500
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0 = only at the end
