@@ -136,17 +136,20 @@ def test_time_to_a_good_sample_is_the_fastest_configuration_under_the_bar():
     assert "no configuration reaches 1× the floor" in ttq.render_markdown({**report, "bar": 1.0})
 
 
-def _bench(*args, env):
+def _bench(*args, env):  # the command in its own process, as a user runs it
     return subprocess.run([sys.executable, "-m", "benchmarks.time_to_quality", *args], env=env, capture_output=True,
                           text=True, timeout=900)
 
 
-def test_a_chapter_run_and_a_missing_folder_are_refused_in_one_line(chapter_run, tmp_path, tmp_path_factory):
-    env = cli_env(tmp_path_factory)
-    for workdir, want in ((chapter_run, "holds --arch chapter; diffusers has a model only for --arch unet2d"),
-                          (tmp_path / "nope", "no such folder")):
-        done = _bench("--workdir", str(workdir), "--out", str(tmp_path / "out"), "--xla-flags", "none", env=env)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and want in done.stderr, done.stderr
+def test_a_chapter_run_and_a_missing_folder_are_refused_in_one_line(chapter_run, tmp_path, capsys):
+    from benchmarks import time_to_quality as ttq
+
+    for workdir, more, want in ((chapter_run, [], "holds --arch chapter; diffusers has a model only for --arch unet2d"),
+                                (tmp_path / "nope", [], "no such folder"),
+                                (chapter_run, ["--num", "100"], "--num 100: must be at least twice --chunk 64")):
+        code = ttq.main(["--workdir", str(workdir), "--out", str(tmp_path / "out"), "--xla-flags", "none", *more])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and want in err, err
         assert not list(tmp_path.glob("out*"))
 
 
