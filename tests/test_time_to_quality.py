@@ -63,6 +63,9 @@ def _options(workdir, sampler, steps):
                                       run.config.diffusion.prediction)
 
 
+# slow: the tiny unet2d run, its export and two compiled chains cost ~40 s of a worker, and the
+# default suite was at its 10-minute budget (606 s in a fresh clone, 2026-12-02)
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("dpmpp_2m", 4)])
 def test_the_diffusers_chain_is_jax_ddpms_chain(unet_run, exported, sampler, steps):
     """The deterministic chains from one x_T: diffusers' scheduler loop with the benchmark's
@@ -94,6 +97,7 @@ def test_the_diffusers_chain_is_jax_ddpms_chain(unet_run, exported, sampler, ste
     assert np.max(np.abs(theirs)) > 0.1 and err < 1e-4, err
 
 
+@pytest.mark.slow  # the tiny run and its export (above)
 def test_the_ddpm_scheduler_takes_the_runs_settings(unet_run, exported):
     """DDPM is stochastic (no shared noise to compare chains): its scheduler carries the run's
     variance (beta_tilde = fixed_small), clipping, prediction and schedule, all T steps."""
