@@ -38,12 +38,13 @@ import sys
 import tempfile
 import time
 
+# the option mapping the parity suite checks against jax_ddpm's chains (its diffusers sampler rows)
+from parity_tests.references.diffusers_samplers import DEFAULT_SPACING, VARIANCE_TYPES
+
 from .steps_to_quality import _parse_grid, grid_seconds, run_one
 
 DEFAULT_GRID = (("ddpm", None), ("ddim", 50), ("ddim", 25), ("dpmpp_2m", 20), ("dpmpp_2m", 10))
 JAX, EAGER, COMPILED = "jax_ddpm", "diffusers", "diffusers+compile"
-VARIANCE_TYPES = {"beta_tilde": "fixed_small", "beta": "fixed_large"}
-DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace"}
 # the scheduler_config.json keys every scheduler takes from the exported folder
 COMMON_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
 
