@@ -46,9 +46,44 @@ def model_variables(params, batch_stats=None) -> dict:
     return {"params": params} if batch_stats is None else {"params": params, "batch_stats": batch_stats}
 
 
-def make_optimizer(lr: float = 1e-3, grad_clip: float | None = None) -> optax.GradientTransformation:
-    """Adam with torch.optim.Adam's defaults (b1=0.9, b2=0.999, eps=1e-8), optional global-norm clip."""
-    adam = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(lr: float, schedule: str = "constant", decay_steps: int = 0,
+                  end_factor: float = 0.0) -> optax.Schedule:
+    """The learning rate of update ``i`` (0-based: the i-th optimizer step uses ``rate(i)``).
+
+    - ``constant``: ``lr`` (``decay_steps`` and ``end_factor`` must be left at 0);
+    - ``cosine``: ``lr * (f + (1 - f) * (1 + cos(pi * i / N)) / 2)`` for ``i <= N``
+      (``N = decay_steps``, ``f = end_factor``), then held at ``f * lr``: torch's
+      ``CosineAnnealingLR(T_max=N, eta_min=f * lr)`` stepped once per update, up to ``N``
+      (torch's rises again after ``N``); ``optax.cosine_decay_schedule(lr, N, alpha=f)``.
+
+    Raises:
+      ValueError: an unknown schedule, ``decay_steps`` < 1 for cosine, ``end_factor`` outside [0, 1].
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant":
+        if decay_steps or end_factor:
+            raise ValueError("decay_steps and end_factor belong to a decaying lr schedule, not 'constant'")
+        return optax.constant_schedule(lr)
+    if int(decay_steps) != decay_steps or decay_steps < 1:
+        raise ValueError(f"decay_steps {decay_steps!r}: a cosine schedule decays over at least 1 step")
+    if not 0.0 <= end_factor <= 1.0:
+        raise ValueError(f"end_factor {end_factor!r}: expected a fraction of lr in [0, 1]")
+    return optax.cosine_decay_schedule(lr, int(decay_steps), alpha=end_factor)
+
+
+def make_optimizer(lr: float = 1e-3, grad_clip: float | None = None, *, schedule: str = "constant",
+                   decay_steps: int = 0, end_factor: float = 0.0) -> optax.GradientTransformation:
+    """Adam with torch.optim.Adam's defaults (b1=0.9, b2=0.999, eps=1e-8), optional global-norm clip,
+    and the learning rate of :func:`learning_rate` (``schedule``, ``decay_steps``, ``end_factor``).
+
+    A constant rate is passed to optax as the float ``lr``, so its optimizer state is the one
+    every run before the schedules had (a decaying one adds optax's step count)."""
+    rate = learning_rate(lr, schedule, decay_steps, end_factor)
+    adam = optax.adam(lr if schedule == "constant" else rate, b1=0.9, b2=0.999, eps=1e-8)
     return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip else adam
 
 

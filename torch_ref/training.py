@@ -9,6 +9,19 @@ def make_optimizer(model, lr=1e-3):
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+def make_lr_scheduler(optimizer, schedule="constant", decay_steps=0, end_factor=0.0):
+    """The learning rate over the steps (not in the chapter, which trains at a constant rate):
+    None for ``constant``; ``cosine``: ``CosineAnnealingLR`` from the optimizer's lr down to
+    ``end_factor`` times it over ``decay_steps`` steps. Call its ``step()`` after each
+    ``train_step``. (torch's rate rises again after ``decay_steps``; jax_ddpm holds it there.)"""
+    if schedule == "constant":
+        return None
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
+    lr = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=end_factor * lr)
+
+
 def loss_fn(model, diffusion, images, t, noise):
     """MSE between the true and the predicted noise (the chapter's ``nn.MSELoss()``)."""
     x_t, noise = diffusion(images, t, noise)
