@@ -44,7 +44,7 @@ from ..parallel import DTYPES
 from ..parameterization import PREDICTIONS
 from ..sampling import BN_STATS, SAMPLERS
 from ..schedules import BETA_END, BETA_START, MIN_TIMESTEPS, SCHEDULES
-from ..training import TIMESTEP_DRAWS
+from ..training import LR_SCHEDULES, TIMESTEP_DRAWS
 from .arch_options import (ARCH_CONFIG_FIELD, NOT_COMPARED_FIELDS, UNET2D_FIELD_OPTIONS, arch_config_from_args,
                            arch_error, canonical_arch_config)
 from .checks import ConfigError, betas_from_args, check_timesteps_option, checkpoint_step_from_args
@@ -55,7 +55,7 @@ from .checks import not_run_file as _not_run_file, out_file as _out_file, positi
 from .checks import quality_data, seed as _seed, workdir_path as _workdir
 from .sampler_options import (SAMPLER_OPTION_NAMES, given_sampler_options, sampler_option_names,
                               sampler_options_from_args, sampler_settings)
-from .config_types import (DEFAULT_EVAL_NUM, MIN_EVAL_NUM, SAMPLING_DEFAULTS, ConvertConfig, DataConfig,
+from .config_types import (DEFAULT_EVAL_NUM, DEFAULT_LR_SCHEDULE, MIN_EVAL_NUM, SAMPLING_DEFAULTS, ConvertConfig, DataConfig,
                            DiffusionConfig, ModelConfig, OptimConfig, SampleConfig, TrainConfig)
 
 
@@ -70,7 +70,8 @@ OPTION_NAMES = {
     "diffusion.timestep_draw": "--timestep-draw",
     "data.source": "--data", "data.layout": "--layout",
     "optim.batch_size": "--batch-size", "optim.lr": "--lr", "optim.ema_decay": "--ema-decay",
-    "optim.grad_clip": "--grad-clip", "seed": "--seed",
+    "optim.grad_clip": "--grad-clip", "optim.lr_schedule": "--lr-schedule",
+    "optim.lr_decay_steps": "--lr-decay-steps", "optim.lr_end_factor": "--lr-end-factor", "seed": "--seed",
 }
 # An architecture config field (ArchConfigError.field) -> the option that sets it.
 ARCH_FIELD_OPTIONS = {"features": "--features", "time_emb_dim": "--time-emb-dim", "img_channels": "--channels",
@@ -99,6 +100,8 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     "diffusion.beta_start": BETA_START, "diffusion.beta_end": BETA_END,  # before --beta-start/--beta-end
     "diffusion.prediction": "eps",  # before --prediction
     "diffusion.timestep_draw": "per-image",  # before --timestep-draw
+    # before --lr-schedule: a constant learning rate
+    "optim.lr_schedule": "constant", "optim.lr_decay_steps": 0, "optim.lr_end_factor": 0.0,
 }
 
 
@@ -272,15 +275,17 @@ def train_config_from_args(args: Any) -> TrainConfig:
                                                       or default_timestep_draw(arch), TIMESTEP_DRAWS),
                                 **betas_from_args(args, schedule))
     data = DataConfig(source=resolve_data_source(args.data), layout=_choice("--layout", args.layout, LAYOUTS))
+    steps = _positive("--steps", args.steps)
     optim = OptimConfig(batch_size=_positive("--batch-size", args.batch_size),
                         lr=_finite_float("--lr", args.lr, 0.0, low_open=True),
                         ema_decay=_finite_float("--ema-decay", args.ema_decay, 0.0, 1.0),
-                        grad_clip=_finite_float("--grad-clip", args.grad_clip, 0.0))
+                        grad_clip=_finite_float("--grad-clip", args.grad_clip, 0.0),
+                        **lr_schedule_from_args(args, steps))
     grid_sampler = _choice("--sample-sampler", getattr(args, "sample_sampler", "ddpm"), SAMPLERS)
     grid = {f"sample_{k}": v for k, v in sampler_options_from_args(args, "sample_").items()}
     config = TrainConfig(workdir=_workdir(args.workdir), model=model, diffusion=diffusion, data=data, optim=optim,
                        sample_sampler=grid_sampler, **grid,
-                       seed=_seed("--seed", args.seed), steps=_positive("--steps", args.steps),
+                       seed=_seed("--seed", args.seed), steps=steps,
                        checkpoint_every=_positive("--checkpoint-every", args.checkpoint_every),
                        keep_checkpoints=_positive("--keep-checkpoints", args.keep_checkpoints),
                        sample_every=_non_negative("--sample-every", args.sample_every),
@@ -294,6 +299,26 @@ def train_config_from_args(args: Any) -> TrainConfig:
     if config.eval_every:  # refused before anything is read or written
         quality_data("--eval-every", config.data.source)
     return config
+
+
+def lr_schedule_from_args(args: Any, steps: int) -> dict[str, Any]:
+    """``--lr-schedule`` (default :data:`DEFAULT_LR_SCHEDULE`), ``--lr-decay-steps`` (cosine's
+    default: ``--steps``) and ``--lr-end-factor`` (default 0) as OptimConfig fields.
+
+    Raises:
+      ConfigError: ``--lr-decay-steps``/``--lr-end-factor`` with the constant schedule, or out of range.
+    """
+    schedule = _choice("--lr-schedule", getattr(args, "lr_schedule", None) or DEFAULT_LR_SCHEDULE, LR_SCHEDULES)
+    decay, end = getattr(args, "lr_decay_steps", None), getattr(args, "lr_end_factor", None)
+    if schedule == "constant":
+        for option, value in (("--lr-decay-steps", decay), ("--lr-end-factor", end)):
+            if value is not None:
+                raise ConfigError(f"{option}: only with a decaying --lr-schedule (cosine); "
+                                  f"the schedule is constant")
+        return {"lr_schedule": schedule, "lr_decay_steps": 0, "lr_end_factor": 0.0}
+    return {"lr_schedule": schedule,
+            "lr_decay_steps": steps if decay is None else _positive("--lr-decay-steps", decay),
+            "lr_end_factor": 0.0 if end is None else _finite_float("--lr-end-factor", end, 0.0, 1.0)}
 
 
 def grid_sampler_settings(config: TrainConfig, run_sampling: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -352,9 +377,9 @@ def convert_config_from_args(args: Any) -> ConvertConfig:
 
 __all__ = [
     "ARCH_FIELD_OPTIONS", "ARCH_NAMES", "BN_STATS", "CHANNELS", "ConfigError", "ConvertConfig", "DEFAULT_EVAL_NUM",
-    "DTYPES", "FIELDS_ADDED_LATER", "MIN_EVAL_NUM",
+    "DEFAULT_LR_SCHEDULE", "DTYPES", "FIELDS_ADDED_LATER", "LR_SCHEDULES", "MIN_EVAL_NUM",
     "SAMPLER_OPTION_NAMES", "SAMPLING_DEFAULTS", "VARIANCES", "given_sampler_options", "grid_sampler_settings",
-    "sampler_option_names", "sampler_settings",
+    "lr_schedule_from_args", "sampler_option_names", "sampler_settings",
     "DataConfig", "DiffusionConfig", "LAYOUTS", "MIN_TIMESTEPS", "ModelConfig", "OPTION_NAMES", "OptimConfig",
     "SAMPLERS", "SCHEDULES", "SampleConfig", "TrainConfig", "arch_config", "check_arch", "check_image_size",
     "check_timesteps_option", "checkpoint_step_from_args", "complete_identity", "convert_config_from_args",

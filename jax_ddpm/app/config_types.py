@@ -13,6 +13,7 @@ from ..schedules import BETA_END, BETA_START
 SAMPLING_DEFAULTS: dict[str, Any] = {"variance": "beta_tilde", "clip_denoised": True}
 DEFAULT_EVAL_NUM = 256  # train --eval-num: samples per evaluation (docs/quality.md: the FID's noise at this N)
 MIN_EVAL_NUM = 2  # a Frechet distance needs at least two samples
+DEFAULT_LR_SCHEDULE = "constant"  # train --lr-schedule's default (OptimConfig.lr_schedule: what older runs did)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class OptimConfig:
     lr: float = 1e-3
     ema_decay: float = 0.999
     grad_clip: float = 1.0  # 0 = no clipping
+    # the learning rate over the steps (training.learning_rate): constant, what every run before the field did
+    # (FIELDS_ADDED_LATER), or cosine from lr to lr_end_factor * lr over lr_decay_steps (train's default: --steps)
+    lr_schedule: str = "constant"
+    lr_decay_steps: int = 0  # 0 with constant
+    lr_end_factor: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from .. import parallel
 from ..schedules import DiffusionSchedule, make_schedule
-from ..training import TrainState, create_train_state, make_optimizer, train_state_from_variables, train_step
+from ..training import TrainState, create_train_state, learning_rate, make_optimizer, train_state_from_variables, train_step
 from .config import ModelConfig, TrainConfig, arch_config
 
 
@@ -35,7 +35,15 @@ def build_schedule(config: TrainConfig) -> DiffusionSchedule:
 
 
 def build_optimizer(config: TrainConfig):
-    return make_optimizer(config.optim.lr, config.optim.grad_clip or None)
+    o = config.optim
+    return make_optimizer(o.lr, o.grad_clip or None, schedule=o.lr_schedule, decay_steps=o.lr_decay_steps,
+                          end_factor=o.lr_end_factor)
+
+
+def build_learning_rate(config: TrainConfig):
+    """``rate(step)``: the learning rate of the update from ``step`` to ``step + 1`` (what metrics log)."""
+    o = config.optim
+    return learning_rate(o.lr, o.lr_schedule, o.lr_decay_steps, o.lr_end_factor)
 
 
 def image_shape(config: TrainConfig) -> tuple[int, int, int]:
@@ -102,5 +110,5 @@ def make_step_fn(mesh: Mesh | None = None) -> Callable[[TrainState, np.ndarray, 
     return parallel.make_sharded_train_step(parallel.make_mesh() if mesh is None else mesh, train_step)
 
 
-__all__ = ["abstract_state", "build_model", "build_model_from", "build_optimizer", "build_schedule", "image_shape",
-           "init_state", "make_init_fn", "make_step_fn", "run_keys", "state_from_variables"]
+__all__ = ["abstract_state", "build_learning_rate", "build_model", "build_model_from", "build_optimizer",
+           "build_schedule", "image_shape", "init_state", "make_init_fn", "make_step_fn", "run_keys", "state_from_variables"]

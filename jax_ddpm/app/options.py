@@ -9,10 +9,10 @@ import argparse
 from ..models.registry import ARCH_NAMES, ARCHITECTURES, DEFAULT_ARCH
 from ..parameterization import PREDICTIONS
 from ..samplers import SPACINGS
-from ..training import TIMESTEP_DRAWS
+from ..training import LR_SCHEDULES, TIMESTEP_DRAWS
 from .arch_options import add_unet2d_arguments
-from .config import (BN_STATS, CHANNELS, DTYPES, LAYOUTS, MIN_TIMESTEPS, SAMPLERS, SCHEDULES, DiffusionConfig,
-                     ModelConfig, OptimConfig, TrainConfig, default_size_multiple)
+from .config import (BN_STATS, CHANNELS, DEFAULT_LR_SCHEDULE, DTYPES, LAYOUTS, MIN_TIMESTEPS, SAMPLERS, SCHEDULES,
+                     DiffusionConfig, ModelConfig, OptimConfig, TrainConfig, default_size_multiple)
 from .sample import MIN_BATCH_STATS
 
 TRAIN_EPILOG = """\
@@ -130,7 +130,18 @@ def _add_train_optim(p, o: OptimConfig, t: TrainConfig) -> None:
                         "(a multiple of the device count; must not exceed the number of images)")
     g.add_argument("--steps", type=int, default=t.steps, metavar="N",
                    help="train until step N (counting from the start of the run, also on resume)")
-    g.add_argument("--lr", type=float, default=o.lr, help="Adam learning rate (constant)")
+    g.add_argument("--lr", type=float, default=o.lr,
+                   help="Adam learning rate (with --lr-schedule cosine: the first step's, the peak)")
+    g.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                   help=f"the learning rate over the steps: constant, or cosine (torch's CosineAnnealingLR: from "
+                        f"--lr down to --lr-end-factor x --lr over --lr-decay-steps steps, then held there). Part "
+                        f"of the run's identity (default: {DEFAULT_LR_SCHEDULE}; runs saved before the option: "
+                        f"constant)")
+    g.add_argument("--lr-decay-steps", type=int, default=None, metavar="N",
+                   help="cosine: the steps the decay takes (default: --steps of the run's first start; a resume "
+                        "keeps the run's, and steps beyond it train at the final rate)")
+    g.add_argument("--lr-end-factor", type=float, default=None, metavar="F",
+                   help="cosine: the final learning rate as a fraction of --lr, in [0, 1) (default 0)")
     g.add_argument("--ema-decay", type=float, default=o.ema_decay,
                    help="decay of the exponential moving average of the weights used for sampling; 0 = off")
     g.add_argument("--grad-clip", type=float, default=o.grad_clip,

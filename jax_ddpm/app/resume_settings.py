@@ -48,6 +48,8 @@ GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("optim.lr",), ("lr",)),
     (("optim.ema_decay",), ("ema_decay",)),
     (("optim.grad_clip",), ("grad_clip",)),
+    (("optim.lr_schedule", "optim.lr_decay_steps", "optim.lr_end_factor"),
+     ("lr_schedule", "lr_decay_steps", "lr_end_factor")),
     (("seed",), ("seed",)),
 )
 _FINE_TUNE_PARTS = ("model", "diffusion")  # what an imported checkpoint 0 decides (workdir.check_resume)

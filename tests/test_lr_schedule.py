@@ -1,0 +1,191 @@
+"""`--lr-schedule`: constant (every run before the option) or cosine decay; the optimizer state,
+the options and their refusals, old folders, and a run's logged rate, resume and note.
+
+The rates themselves are checked against torch's CosineAnnealingLR, diffusers' cosine schedule and a
+float64 oracle in parity_tests ("lr cosine" rows); here the closed form is only the yardstick for
+what the command logs."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cli_util import cli_env, train_cmd
+from jax_ddpm import training
+from jax_ddpm.app.config import ConfigError
+
+
+def _cosine(lr, step, n, f):
+    """The rate of update ``step`` (0-based): cosine from lr to f * lr over n updates, then held."""
+    step = min(step, n)
+    return lr * (f + (1 - f) * (1 + math.cos(math.pi * step / n)) / 2)
+
+
+# ----------------------------------------------------------------------------- the library
+def test_constant_keeps_the_optimizer_state_of_the_runs_before_the_option():
+    """A constant rate adds nothing to optax's state, so checkpoints saved before the option restore."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    for clip in (None, 1.0):
+        before = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
+        before = optax.chain(optax.clip_by_global_norm(clip), before) if clip else before
+        now = training.make_optimizer(1e-3, clip)
+        assert jax.tree.structure(now.init(params)) == jax.tree.structure(before.init(params))
+    cosine = training.make_optimizer(1e-3, 1.0, schedule="cosine", decay_steps=10)
+    assert jax.tree.structure(cosine.init(params)) != jax.tree.structure(now.init(params))  # it counts steps
+
+
+def test_the_optimizer_steps_with_the_schedules_rate():
+    """With the same gradient at every step Adam's m_hat / sqrt(v_hat) is the same at every step, so
+    update i divided by the constant-rate optimizer's update i is rate(i) / lr."""
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    grads = {"w": jnp.array([0.5, 0.25, -1.0])}
+    n, f, lr = 8, 0.25, 1e-2
+    opt = training.make_optimizer(lr, None, schedule="cosine", decay_steps=n, end_factor=f)
+    ref = training.make_optimizer(lr)
+    s, r = opt.init(params), ref.init(params)
+    for i in range(n + 3):
+        u, s = opt.update(grads, s, params)
+        v, r = ref.update(grads, r, params)
+        np.testing.assert_allclose(np.asarray(u["w"]) / np.asarray(v["w"]), _cosine(lr, i, n, f) / lr, rtol=1e-5)
+
+
+def test_learning_rate_values_and_refusals():
+    rate = training.learning_rate(1e-3, "cosine", 100, 0.1)
+    for i in (0, 1, 50, 99, 100, 101, 1000):
+        assert float(rate(i)) == pytest.approx(_cosine(1e-3, i, 100, 0.1), rel=1e-6)
+    assert float(training.learning_rate(2e-3)(12345)) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="lr schedule 'linear'"):
+        training.learning_rate(1e-3, "linear")
+    with pytest.raises(ValueError, match="decay_steps 0"):
+        training.learning_rate(1e-3, "cosine", 0)
+    with pytest.raises(ValueError, match="end_factor 1.5"):
+        training.learning_rate(1e-3, "cosine", 10, 1.5)
+    with pytest.raises(ValueError, match="not 'constant'"):
+        training.make_optimizer(1e-3, schedule="constant", decay_steps=10)
+
+
+# ----------------------------------------------------------------------------- the options
+def _config(argv):
+    from jax_ddpm.app.cli import build_parser
+    from jax_ddpm.app.config import train_config_from_args
+
+    return train_config_from_args(build_parser().parse_args(["train", "--workdir", "/tmp/x", *argv])).optim
+
+
+def test_the_options():
+    o = _config([])
+    assert (o.lr_schedule, o.lr_decay_steps, o.lr_end_factor) == ("constant", 0, 0.0)
+    o = _config(["--lr-schedule", "cosine", "--steps", "700"])
+    assert (o.lr_schedule, o.lr_decay_steps, o.lr_end_factor) == ("cosine", 700, 0.0)  # decays over the run
+    o = _config(["--lr-schedule", "cosine", "--lr-decay-steps", "500", "--lr-end-factor", "0.2"])
+    assert (o.lr_schedule, o.lr_decay_steps, o.lr_end_factor) == ("cosine", 500, 0.2)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lr-decay-steps", "10"], "--lr-decay-steps: only with a decaying --lr-schedule (cosine)"),
+    (["--lr-schedule", "constant", "--lr-end-factor", "0.1"], "--lr-end-factor: only with a decaying"),
+    (["--lr-schedule", "cosine", "--lr-decay-steps", "0"], "--lr-decay-steps must be a positive integer, got 0"),
+    (["--lr-schedule", "cosine", "--lr-end-factor", "1"], "--lr-end-factor must be in [0, 1)"),
+    (["--lr-schedule", "cosine", "--lr-end-factor", "nan"], "--lr-end-factor must be"),
+])
+def test_bad_options_are_refused(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        _config(argv)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_cli_refuses_in_one_line(tmp_path, capsys):
+    from jax_ddpm.cli import main
+
+    assert main(["train", "--workdir", str(tmp_path / "w"), "--lr-schedule", "step"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--lr-schedule: invalid choice: 'step'" in err
+    assert main(["train", "--workdir", str(tmp_path / "w"), "--lr-end-factor", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--lr-end-factor: only with" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_folder_saved_before_the_option_trained_at_a_constant_rate():
+    from jax_ddpm.app.cli import build_parser
+    from jax_ddpm.app.config import complete_identity, identity, train_config_from_args
+
+    saved = identity(train_config_from_args(build_parser().parse_args(
+        ["train", "--workdir", "/tmp/x", "--lr-schedule", "cosine", "--lr-end-factor", "0.3"])))
+    assert saved["optim.lr_schedule"] == "cosine" and saved["optim.lr_end_factor"] == 0.3
+    for field in ("optim.lr_schedule", "optim.lr_decay_steps", "optim.lr_end_factor"):
+        del saved[field]
+    old = complete_identity(saved)
+    assert (old["optim.lr_schedule"], old["optim.lr_decay_steps"], old["optim.lr_end_factor"]) == ("constant", 0, 0.0)
+
+
+# ----------------------------------------------------------------------------- a run
+N, F, LR = 30, 0.1, 1e-3  # TINY's --lr is the default 1e-3
+RESUME = ["--log-every", "5", "--checkpoint-every", "10", "--num-samples", "16"]  # not part of a run's identity
+
+
+def _train(tmp_path_factory, workdir, *more, steps):
+    cmd = train_cmd(workdir, *more, steps=steps, every=10)
+    cmd = [a for a in cmd if a != "--quiet"]
+    done = subprocess.run(cmd, env=cli_env(tmp_path_factory), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr
+
+
+def _metrics(workdir):
+    return {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def cosine_runs(tmp_path_factory):
+    """A 30-step cosine run to 0.1x straight, and the same run trained to step 20 then resumed
+    with the bare command (its settings taken from the run), then resumed past the decay."""
+    root = tmp_path_factory.mktemp("lr")
+    schedule = ["--lr-schedule", "cosine", "--lr-decay-steps", str(N), "--lr-end-factor", str(F)]
+    _train(tmp_path_factory, root / "straight", *schedule, steps=N)
+    _train(tmp_path_factory, root / "resumed", *schedule, steps=20)
+    resumed = subprocess.run([sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(root / "resumed"),
+                              "--steps", str(N), *RESUME], env=cli_env(tmp_path_factory), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return root, resumed.stderr
+
+
+def test_metrics_log_the_rate_of_each_step(cosine_runs):
+    root, _ = cosine_runs
+    rows = _metrics(root / "straight")
+    assert sorted(rows) == [5, 10, 15, 20, 25, 30]
+    for step, row in rows.items():  # the rate of the update that reached the step (update step - 1)
+        assert row["lr"] == pytest.approx(_cosine(LR, step - 1, N, F), rel=1e-6), step
+    assert rows[5]["lr"] > rows[30]["lr"] > F * LR
+
+
+def test_a_resume_continues_the_decay_bit_identically(cosine_runs):
+    """The bare command takes the schedule from the run, and the restored optimizer state keeps
+    optax's step count: the resumed losses are the straight run's, bit for bit."""
+    root, err = cosine_runs
+    assert "--lr-schedule cosine" in err and "--lr-decay-steps 30" in err and "--lr-end-factor 0.1" in err
+    a, b = _metrics(root / "straight"), _metrics(root / "resumed")
+    assert sorted(b) == sorted(a)
+    for step in (25, 30):
+        assert (b[step]["loss"], b[step]["grad_norm"], b[step]["lr"]) == \
+            (a[step]["loss"], a[step]["grad_norm"], a[step]["lr"]), step
+
+
+def test_steps_past_the_decay_hold_the_final_rate_and_say_so(cosine_runs, tmp_path_factory):
+    root, _ = cosine_runs
+    done = subprocess.run([sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(root / "straight"),
+                           "--steps", "40", *RESUME], env=cli_env(tmp_path_factory), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: the cosine learning rate ends at step 30 (--lr-decay-steps); steps 31-40 train at its " \
+           "final rate, 0.1 x --lr 0.001" in done.stderr
+    rows = _metrics(root / "straight")
+    assert rows[35]["lr"] == pytest.approx(F * LR, rel=1e-6) and rows[40]["lr"] == pytest.approx(F * LR, rel=1e-6)
