@@ -22,7 +22,7 @@ from .checks.convert import check_round_trip
 from .checks.forward import check_bn_stats, check_forward
 from .checks.samplers import check_sampler_chain
 from .checks.sampling import check_chain, check_sampler_step
-from .checks.training import check_adam_same_grads, check_grads, check_loss, check_train_steps
+from .checks.training import check_adam_same_grads, check_grads, check_loss, check_lr_schedule, check_train_steps
 from .core import Case, Measure
 from .inputs import CHAPTER, SAMPLER_NET, Net, UNet2DNet
 from .references import SAMPLER_CHAIN
@@ -96,6 +96,16 @@ def _training() -> list[Case]:
                            check_train_steps, metric, key, net=net, part=part))
     cases.append(_case("train", f"adam 10 steps, torch's grads -> optax: params {net.label}",
                        check_adam_same_grads, "rel", "adam_same_grads", net=net))
+    # a cosine decay over the 10 steps: update 9 at the end value (torch's rate rises after T_max = 9)
+    cases.append(_case("train", f"adam 10 steps, cosine lr to 0.1x, torch's grads -> optax: params {net.label}",
+                       check_adam_same_grads, "rel", "adam_same_grads", net=net, lr_schedule=("cosine", 9, 0.1)))
+    # the rates alone over a default run's length (4,500 updates): the float64 closed form (and
+    # the hold after the decay), torch_ref's CosineAnnealingLR, diffusers' cosine (it ends at 0)
+    for ref, end, steps in (("oracle", 0.1, 4550), ("oracle", 0.0, 4501), ("torch", 0.1, 4501),
+                            ("diffusers", 0.0, 4501)):
+        held = ", then held" if steps > 4501 else ""
+        cases.append(_case("lr_schedule", f"lr cosine 4500 updates to {end:g}x{held} vs {ref}", check_lr_schedule,
+                           "rel", ref=ref, lr=1e-3, decay_steps=4500, end_factor=end, steps=steps))
     cases.append(_case("train", f"sgd(0.1) 10 steps free-running: update {net.label}", check_train_steps,
                        "rel", "sgd_update", slow=True, net=net, part="update", optimizer="sgd", mode="free", lr=0.1))
     cases.append(_case("train", f"sgd(0.1) 10 steps free-running: loss {net.label}", check_train_steps,

@@ -128,11 +128,39 @@ def test_chapter_alpha_bar_in_step_fails(monkeypatch, fresh_ctx):
     _fails(_run(fresh_ctx, "reverse-step mean/var linear T=100 beta_tilde vs oracle"))
 
 
+def test_cosine_lr_one_update_too_long_fails(monkeypatch, fresh_ctx):
+    """The decay over N + 1 updates instead of N: every rate off by up to (pi / 2N) lr (3e-4 rel)."""
+    real = training.learning_rate
+    monkeypatch.setattr(training, "learning_rate", lambda lr, schedule="constant", decay_steps=0, end_factor=0.0:
+                        real(lr, schedule, decay_steps + (schedule == "cosine"), end_factor))
+    for component in ("lr cosine 4500 updates to 0x vs oracle", "lr cosine 4500 updates to 0.1x vs torch",
+                      "lr cosine 4500 updates to 0.1x, then held vs oracle"):
+        _fails(_run(fresh_ctx, component))
+
+
+def test_cosine_lr_not_held_after_the_decay_fails(monkeypatch, fresh_ctx):
+    """Rising again after N updates (torch's CosineAnnealingLR does): the oracle's hold row fails."""
+
+    def periodic(lr, schedule="constant", decay_steps=0, end_factor=0.0):
+        return lambda i: lr * (end_factor + (1 - end_factor) * 0.5 * (1 + jnp.cos(jnp.pi * i / decay_steps)))
+
+    monkeypatch.setattr(training, "learning_rate", periodic)
+    _fails(_run(fresh_ctx, "lr cosine 4500 updates to 0.1x, then held vs oracle"))
+
+
+def test_adam_ignoring_its_lr_schedule_fails(monkeypatch, fresh_ctx):
+    """make_optimizer that drops the schedule (a constant lr): the scheduled Adam row fails."""
+    real = training.make_optimizer
+    monkeypatch.setattr(training, "make_optimizer", lambda lr=1e-3, grad_clip=None, **schedule: real(lr, grad_clip))
+    _fails(_run(fresh_ctx, f"adam 10 steps, cosine lr to 0.1x, torch's grads -> optax: params {SAMPLER_NET.label}"))
+
+
 @pytest.mark.slow
 def test_adam_with_wrong_lr_fails(monkeypatch, fresh_ctx):
     """lr 10% high: every element beyond 1e-5 (the fraction row) and the optimiser-alone row."""
     real = training.make_optimizer
-    monkeypatch.setattr(training, "make_optimizer", lambda lr=1e-3, grad_clip=None: real(1.1 * lr, grad_clip))
+    monkeypatch.setattr(training, "make_optimizer", lambda lr=1e-3, grad_clip=None, **schedule:
+                        real(1.1 * lr, grad_clip, **schedule))
     net = SAMPLER_NET.label
     for component in (f"adam 10 steps, each from torch's state: params {net}",
                       f"adam 10 steps, torch's grads -> optax: params {net}"):

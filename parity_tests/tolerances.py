@@ -93,6 +93,12 @@ _entry("adam_same_grads", ("torch",), cpu=2e-5, cuda=2e-5)
 # every element. Free-running, the shifted elements feed back: params 2e-3 abs, losses
 # 5e-4 rel at step 10 (in the notes); SGD, without this amplification, stays tight.
 _entry("adam_step_params", ("torch",), cpu=1e-3, cuda=1e-2)
+# The learning rate of each update over a cosine decay (4,500 updates), rel to the peak lr:
+# jax_ddpm evaluates it in float32 inside the step (optax.cosine_decay_schedule on the int32
+# count), the references in float64. The argument pi*i/N rounds to 2^-24 of <= pi (1.9e-7),
+# cos to 2^-24 (6e-8), each halved by (1 - f)/2, and the products add 2 ulp: <= 3e-7 of lr.
+# Measured on CPU: 1.32e-7 (to 0.1x, vs the oracle and torch), 1.50e-7 (to 0, vs the oracle and diffusers).
+_entry("lr_schedule", ("oracle", "torch", "diffusers"), cpu=5e-7, cuda=5e-7)
 ADAM_GOAL = 1e-5        # per tensor rel, the goal for parameters after Adam steps
 ADAM_GRAD_REL = 1e-4    # gradient noise allowed per tensor (the grads tolerance), relative to max |grad|
 # SGD(0.1), 10 steps free-running (the control): the accumulated update p_i - p_0 per

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -82,21 +83,37 @@ def _state_from_reference(ref: Reference, model: Any, opt: Any, template: traini
     moments = ref.adam_moments(model, opt)
     opt_state = template.opt_state  # the initial (zero) moments before the first step
     if moments.count:
-        opt_state = tuple(s._replace(count=jnp.asarray(moments.count, jnp.int32),
-                                     mu=jax_side.variables({**buffers, **moments.mu}, net)["params"],
-                                     nu=jax_side.variables({**buffers, **moments.nu}, net)["params"])
-                          if isinstance(s, optax.ScaleByAdamState) else s for s in opt_state)
+        count = jnp.asarray(moments.count, jnp.int32)
+
+        def at_reference(s):  # Adam's moments and count; a learning-rate schedule's count
+            if isinstance(s, optax.ScaleByAdamState):
+                return s._replace(count=count, mu=jax_side.variables({**buffers, **moments.mu}, net)["params"],
+                                  nu=jax_side.variables({**buffers, **moments.nu}, net)["params"])
+            return s._replace(count=count) if isinstance(s, optax.ScaleByScheduleState) else s
+
+        opt_state = jax.tree_util.tree_map(at_reference, opt_state, is_leaf=lambda s: isinstance(
+            s, (optax.ScaleByAdamState, optax.ScaleByScheduleState)))
     return template.replace(step=jnp.asarray(moments.count, jnp.int32), params=variables["params"],
                             batch_stats=variables.get("batch_stats"), opt_state=opt_state)
 
 
+NO_LR_SCHEDULE = ("constant", 0, 0.0)
+
+
+def _make_optimizer(lr: float, lr_schedule: tuple[str, int, float]):
+    """jax_ddpm's Adam at ``lr`` with ``lr_schedule`` = (schedule, decay steps, end factor)."""
+    schedule, decay_steps, end_factor = lr_schedule
+    return training.make_optimizer(lr, schedule=schedule, decay_steps=decay_steps, end_factor=end_factor)
+
+
 def _train_run(ctx: Context, ref: Reference, net: Net, optimizer: str, steps: int, kind: str, timesteps: int,
-               lr: float):
+               lr: float, lr_schedule: tuple[str, int, float] = NO_LR_SCHEDULE):
     """``steps`` training steps on both sides on the same batches, t and noise.
 
-    The reference: its ``train_step`` with its Adam (``optimizer('adam')``) or SGD(lr); JAX:
-    ``jax_ddpm.training.train_step_with_noise`` with ``make_optimizer(lr)`` (Adam) or
-    ``optax.sgd(lr)``, run two ways: free-running from the same initial state, and (Adam)
+    The reference: its ``train_step`` with its Adam (``optimizer('adam')``) or SGD(lr), and
+    (Adam) its scheduler for ``lr_schedule`` stepped after each step; JAX:
+    ``jax_ddpm.training.train_step_with_noise`` with ``make_optimizer(lr, schedule=...)`` (Adam)
+    or ``optax.sgd(lr)``, run two ways: free-running from the same initial state, and (Adam)
     each step started from the reference's current state -- parameters, BN buffers and Adam
     moments -- so that one step's disagreement is measured without the earlier steps' feeding back.
     """
@@ -109,7 +126,8 @@ def _train_run(ctx: Context, ref: Reference, net: Net, optimizer: str, steps: in
         init = ref.state_dict(model)
         variables = jax_side.variables(init, net)
         opt = ref.optimizer(model, optimizer, lr)
-        tx = training.make_optimizer(lr) if optimizer == "adam" else optax.sgd(lr)
+        sched = ref.lr_scheduler(opt, *lr_schedule) if lr_schedule != NO_LR_SCHEDULE else None
+        tx = _make_optimizer(lr, lr_schedule) if optimizer == "adam" else optax.sgd(lr)
         fns = jax_side.fns(ctx, net)
         state = jax_side.train_state(fns, variables, tx, jax_side.schedule(ctx, timesteps, kind))
         data = (digits(net.size, net.batch * steps, seed=0) if net.img_channels == 1 else
@@ -127,6 +145,8 @@ def _train_run(ctx: Context, ref: Reference, net: Net, optimizer: str, steps: in
                 run.forced_losses.append(float(metrics["loss"]))
                 run.forced_states.append(jax_side.state_dict(forced.variables, net))
             loss, grads = ref.train_step(ctx, model, opt, kind, timesteps, x0, t, noise)
+            if sched is not None:
+                sched.step()
             state, metrics = fns.train_step(state, *args)
             run.ref_losses.append(loss)
             run.ref_states.append(ref.state_dict(model))
@@ -138,7 +158,7 @@ def _train_run(ctx: Context, ref: Reference, net: Net, optimizer: str, steps: in
             run.free_states.append(jax_side.state_dict(state.variables, net))
         return run
 
-    return ctx.memo(("train_run", ref.name, net, optimizer, steps, kind, timesteps, lr), build)
+    return ctx.memo(("train_run", ref.name, net, optimizer, steps, kind, timesteps, lr, lr_schedule), build)
 
 
 def _adam_params_step(run: SimpleNamespace, i: int, ref_state: dict, ours: dict, lr: float) -> Measure:
@@ -211,15 +231,17 @@ def check_train_steps(ctx: Context, ref: Reference, net: Net, part: str, optimiz
 
 
 def check_adam_same_grads(ctx: Context, ref: Reference, net: Net, steps: int = 10, kind: str = "cosine",
-                          timesteps: int = 100, lr: float = 1e-3) -> Measure:
-    """The optimiser alone: the reference's gradients of each step fed to ``make_optimizer(lr)``, params per tensor."""
+                          timesteps: int = 100, lr: float = 1e-3,
+                          lr_schedule: tuple[str, int, float] = NO_LR_SCHEDULE) -> Measure:
+    """The optimiser alone: the reference's gradients of each step fed to ``make_optimizer(lr)``
+    (with ``lr_schedule``: the reference's scheduler and jax_ddpm's schedule), params per tensor."""
     import optax
 
-    run = _train_run(ctx, ref, net, "adam", steps, kind, timesteps, lr)
-    tx = training.make_optimizer(lr)
+    run = _train_run(ctx, ref, net, "adam", steps, kind, timesteps, lr, lr_schedule)
+    tx = _make_optimizer(lr, lr_schedule)
     params = jax_side.variables(run.init, net)["params"]
     opt_state = jax.jit(tx.init)(params)
-    update = ctx.memo(("adam_update", lr), lambda: jax.jit(
+    update = ctx.memo(("adam_update", lr, lr_schedule), lambda: jax.jit(
         lambda g, s, p: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p))))
     ms: list[Measure] = []
     for ref_state, grads in zip(run.ref_states, run.ref_grads):
@@ -231,4 +253,22 @@ def check_adam_same_grads(ctx: Context, ref: Reference, net: Net, steps: int = 1
     return worst_over_steps(ms)
 
 
-__all__: Sequence[str] = ["check_adam_same_grads", "check_grads", "check_loss", "check_train_steps"]
+def check_lr_schedule(ctx: Context, ref: Reference, lr: float, decay_steps: int, end_factor: float,
+                      steps: int) -> Measure:
+    """The learning rate of updates 0 .. steps - 1: ``training.learning_rate``'s cosine evaluated
+    as the train step does (jitted, on the int32 step count, float32), against the reference's;
+    abs, and rel to the peak ``lr``."""
+    rate = training.learning_rate(lr, "cosine", decay_steps, end_factor)
+    f = ctx.memo(("jit_lr", lr, decay_steps, end_factor), lambda: jax.jit(jax.vmap(rate)))
+    ours = np.asarray(f(jnp.arange(steps, dtype=jnp.int32)))
+    theirs = ref.learning_rates(ctx, lr, decay_steps, end_factor, steps)
+    if ours.dtype != np.float32 or ours.shape != (steps,):
+        return Measure(math.nan, math.nan, f"rates {ours.dtype}{ours.shape}", ok=False)
+    err = np.abs(ours.astype(np.float64) - theirs)
+    worst = int(np.argmax(err))
+    return Measure(float(err.max()), float(err.max()) / lr,
+                   f"{steps} updates, worst at update {worst} ({theirs[worst]:.3g}); last {theirs[-1]:.3g}")
+
+
+__all__: Sequence[str] = ["check_adam_same_grads", "check_grads", "check_loss", "check_lr_schedule",
+                          "check_train_steps"]

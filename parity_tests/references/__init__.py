@@ -45,6 +45,7 @@ COMPONENTS: dict[str, str] = {
     "adam_same_grads": "Adam alone: the reference's gradients fed to jax_ddpm's optimizer",
     "adam_step_params": "parameters after Adam steps, each from the reference's state",
     "sgd_update": "the accumulated SGD update, free-running",
+    "lr_schedule": "the learning rate of every update over a cosine decay",
     "sgd_loss": "the SGD run's losses, free-running",
     "sampler": "one reverse step x_i -> x_{i-1} with the U-Net",
     "chain_x0": "a whole sampling chain: the clamped output",
@@ -163,6 +164,16 @@ class Reference:
     def adam_moments(self, model: Any, opt: Any) -> AdamMoments:
         """The optimizer's Adam state (count 0 and empty moments before the first step)."""
         self._unsupported("adam_moments")
+
+    def lr_scheduler(self, opt: Any, schedule: str, decay_steps: int, end_factor: float) -> Any:
+        """The reference's scheduler for ``opt`` (``step()`` after each training step); None: constant."""
+        self._unsupported(f"lr schedule {schedule}")
+
+    def learning_rates(self, ctx: "Context", lr: float, decay_steps: int, end_factor: float,
+                       steps: int) -> np.ndarray:
+        """The learning rate of updates 0 .. ``steps`` - 1 [steps] of a cosine decay from ``lr`` to
+        ``end_factor * lr`` over ``decay_steps`` updates."""
+        self._unsupported("lr_schedule")
 
     # ------------------------------------------------------------------ sampling (eval mode)
 

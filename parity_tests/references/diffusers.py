@@ -107,7 +107,18 @@ class DiffusersReference(TorchModuleReference):
     description = "Hugging Face diffusers (UNet2DModel, DDPMScheduler, torch Adam), float32 and float64"
     components = frozenset({"schedule", "q_sample", "forward", "loss", "grads", "adam_same_grads",
                             "adam_step_params", "chain_x0", "chain_trajectory", "round_trip",
-                            "chain_ddpm", "chain_ddim", "chain_dpmpp_2m", "chain_cosine_eps"})
+                            "chain_ddpm", "chain_ddim", "chain_dpmpp_2m", "chain_cosine_eps", "lr_schedule"})
+
+    def lr_scheduler(self, opt, schedule, decay_steps, end_factor):
+        """``diffusers.optimization.get_cosine_schedule_with_warmup`` without warm-up (what diffusers'
+        training scripts' ``--lr_scheduler cosine`` builds): it decays to 0, so ``end_factor`` 0 only."""
+        if schedule == "constant":
+            return None
+        if schedule != "cosine" or end_factor != 0:
+            self._unsupported(f"a {schedule} lr schedule ending at {end_factor} x lr")
+        from diffusers.optimization import get_cosine_schedule_with_warmup
+
+        return get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=decay_steps)
 
     def unavailable(self) -> str | None:
         missing = [n for n in ("torch", "diffusers") if _find_spec(n) is None]

@@ -179,6 +179,13 @@ def batchnorm_eval(x, running_mean, running_var, scale, bias, eps: float = 1e-5)
 # ----------------------------------------------------------------------------- the adapter
 
 
+def learning_rates(lr: float, decay_steps: int, end_factor: float, steps: int) -> np.ndarray:
+    """A cosine decay from ``lr`` to ``end_factor * lr`` over ``decay_steps`` updates, then held
+    (float64): ``lr * (f + (1 - f) * (1 + cos(pi * min(i, N) / N)) / 2)`` for update ``i``."""
+    i = np.minimum(np.arange(steps, dtype=np.float64), decay_steps)
+    return lr * (end_factor + (1 - end_factor) * 0.5 * (1 + np.cos(math.pi * i / decay_steps)))
+
+
 class OracleReference(Reference):
     """The closed forms above as a reference: schedules, q_sample, the embedding, the reverse step.
 
@@ -189,7 +196,10 @@ class OracleReference(Reference):
     name = "oracle"
     description = "float64 NumPy closed forms (parity_tests/references/oracle.py, oracle_samplers.py)"
     components = frozenset({"schedule", "q_sample", "embedding", "embedding_exact", "posterior", "chain_ddpm",
-                            "chain_ddim", "chain_dpmpp_2m", "chain_chapter", "chain_cosine_eps"})
+                            "chain_ddim", "chain_dpmpp_2m", "chain_chapter", "chain_cosine_eps", "lr_schedule"})
+
+    def learning_rates(self, ctx, lr, decay_steps, end_factor, steps):
+        return learning_rates(lr, decay_steps, end_factor, steps)
 
     def schedule(self, ctx, kind, timesteps):
         return schedule(kind, timesteps)

@@ -78,6 +78,19 @@ class TorchModuleReference(Reference):
     def adam_moments(self, model, opt) -> AdamMoments:
         return torch_adam_moments(model, opt)
 
+    def learning_rates(self, ctx, lr, decay_steps, end_factor, steps):
+        """The rate of each update as the optimizer reads it (``param_groups[0]['lr']`` before its
+        step), ``self.lr_scheduler`` stepped after each; float64, as torch keeps it."""
+        torch = _torch()
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = self.lr_scheduler(opt, "cosine", decay_steps, end_factor)
+        rates = []
+        for _ in range(steps):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return np.asarray(rates, np.float64)
+
 
 class TorchRefReference(TorchModuleReference):
     """torch_ref as a reference: every component but the float64-only ones."""
@@ -85,8 +98,14 @@ class TorchRefReference(TorchModuleReference):
     name = "torch"
     description = "torch_ref (the chapter's PyTorch code, corrected), float32"
     components = frozenset({"schedule", "q_sample", "embedding", "forward", "bn_stats", "loss", "grads",
-                            "adam_same_grads", "adam_step_params", "sgd_update", "sgd_loss", "sampler", "chain_x0",
-                            "chain_trajectory", "round_trip"})
+                            "adam_same_grads", "adam_step_params", "sgd_update", "sgd_loss", "lr_schedule", "sampler",
+                            "chain_x0", "chain_trajectory", "round_trip"})
+
+    def lr_scheduler(self, opt, schedule, decay_steps, end_factor):
+        """torch_ref.training.make_lr_scheduler (``CosineAnnealingLR``)."""
+        from torch_ref.training import make_lr_scheduler
+
+        return make_lr_scheduler(opt, schedule, decay_steps, end_factor)
 
     def diffusion(self, ctx, timesteps: int, kind: str):
         """torch_ref.diffusion.DiffusionProcess(timesteps, kind) on the device, once per context."""
