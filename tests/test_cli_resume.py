@@ -118,7 +118,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, reference_run, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "--lr was 0.001, now 0.01" in err
+    assert "--lr was 0.0003, now 0.01" in err  # the default --lr
     after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(workdir) for p in fs}
     assert after == before
 

@@ -19,7 +19,7 @@ import pytest
 
 from cli_util import cli_env, train_cmd
 from jax_ddpm import training
-from jax_ddpm.app.config import ConfigError
+from jax_ddpm.app.config import ConfigError, OptimConfig
 
 
 def _cosine(lr, step, n, f):
@@ -127,7 +127,8 @@ def test_a_folder_saved_before_the_option_trained_at_a_constant_rate():
 
 
 # ----------------------------------------------------------------------------- a run
-N, F, LR = 30, 0.1, 1e-3  # TINY's --lr is the default 1e-3
+N, F = 30, 0.1
+LR = OptimConfig().lr  # TINY leaves --lr at the default
 RESUME = ["--log-every", "5", "--checkpoint-every", "10", "--num-samples", "16"]  # not part of a run's identity
 
 
@@ -186,6 +187,6 @@ def test_steps_past_the_decay_hold_the_final_rate_and_say_so(cosine_runs, tmp_pa
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "note: the cosine learning rate ends at step 30 (--lr-decay-steps); steps 31-40 train at its " \
-           "final rate, 0.1 x --lr 0.001" in done.stderr
+           f"final rate, 0.1 x --lr {LR:g}" in done.stderr
     rows = _metrics(root / "straight")
     assert rows[35]["lr"] == pytest.approx(F * LR, rel=1e-6) and rows[40]["lr"] == pytest.approx(F * LR, rel=1e-6)

@@ -59,8 +59,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     batch_size: int = 48
-    lr: float = 1e-3
-    ema_decay: float = 0.999
+    # the defaults since 2026-12-03 (docs/quality.md, "Choosing a better default"); before: lr 1e-3, EMA 0.999
+    # (always saved in a run's identity, so older folders keep theirs)
+    lr: float = 3e-4
+    ema_decay: float = 0.998
     grad_clip: float = 1.0  # 0 = no clipping
     # the learning rate over the steps (training.learning_rate): constant, what every run before the field did
     # (FIELDS_ADDED_LATER), or cosine from lr to lr_end_factor * lr over lr_decay_steps (train's default: --steps)

@@ -131,7 +131,8 @@ def _add_train_optim(p, o: OptimConfig, t: TrainConfig) -> None:
     g.add_argument("--steps", type=int, default=t.steps, metavar="N",
                    help="train until step N (counting from the start of the run, also on resume)")
     g.add_argument("--lr", type=float, default=o.lr,
-                   help="Adam learning rate (with --lr-schedule cosine: the first step's, the peak)")
+                   help="Adam learning rate (with --lr-schedule cosine: the first step's, the peak; 1e-3 before the "
+                        "default changed on 2026-12-03: a run keeps its own)")
     g.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
                    help=f"the learning rate over the steps: constant, or cosine (torch's CosineAnnealingLR: from "
                         f"--lr down to --lr-end-factor x --lr over --lr-decay-steps steps, then held there). Part "
