@@ -148,6 +148,7 @@ def test_cosine_lr_not_held_after_the_decay_fails(monkeypatch, fresh_ctx):
     _fails(_run(fresh_ctx, "lr cosine 4500 updates to 0.1x, then held vs oracle"))
 
 
+@pytest.mark.slow
 def test_adam_ignoring_its_lr_schedule_fails(monkeypatch, fresh_ctx):
     """make_optimizer that drops the schedule (a constant lr): the scheduled Adam row fails."""
     real = training.make_optimizer

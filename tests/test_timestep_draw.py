@@ -60,8 +60,9 @@ def test_train_step_uses_the_states_draw():
 
     model = chapter_unet.build(chapter_unet.config_from_fields(1, features=(4, 8, 16, 32), time_emb_dim=8))
     schedule = make_schedule(T, "cosine")
-    states = {d: training.create_train_state(model, jax.random.key(0), (16, 16, 1), schedule,
-                                             training.make_optimizer(1e-3), timestep_draw=d)
+    per_image = training.create_train_state(model, jax.random.key(0), (16, 16, 1), schedule,
+                                            training.make_optimizer(1e-3))  # the default draw: one init, shared
+    states = {d: per_image if d == "per-image" else per_image.replace(timestep_draw=d)
               for d in training.TIMESTEP_DRAWS}
     x0 = jax.random.uniform(jax.random.key(1), (B, 16, 16, 1), minval=-1, maxval=1)
     key = jax.random.key(2)
@@ -71,8 +72,9 @@ def test_train_step_uses_the_states_draw():
         _, m = jax.jit(training.train_step)(state, x0, key)
         loss[d] = float(m["loss"])
     t, noise = training.draw_t_and_noise(key, 0, x0, T, "per-batch")
-    expect, _ = training.loss_fn(states["per-batch"].params, states["per-batch"].batch_stats,
-                                 states["per-batch"].apply_fn, schedule, x0, t, noise)
+    s = states["per-batch"]
+    loss_at = jax.jit(lambda params, stats, x, t, n: training.loss_fn(params, stats, s.apply_fn, schedule, x, t, n)[0])
+    expect = loss_at(s.params, s.batch_stats, x0, t, noise)
     assert loss["per-batch"] == pytest.approx(float(expect), rel=1e-6)
     assert loss["per-batch"] != pytest.approx(loss["per-image"], rel=1e-3)
 
