@@ -127,14 +127,13 @@ def test_a_folder_saved_before_the_option_trained_at_a_constant_rate():
 
 
 # ----------------------------------------------------------------------------- a run
-N, F = 30, 0.1
+N, F, STEPS = 15, 0.1, 20  # the decay ends before the run does
 LR = OptimConfig().lr  # TINY leaves --lr at the default
-RESUME = ["--log-every", "5", "--checkpoint-every", "10", "--num-samples", "16"]  # not part of a run's identity
+SCHEDULE = ["--lr-schedule", "cosine", "--lr-decay-steps", str(N), "--lr-end-factor", str(F)]
 
 
 def _train(tmp_path_factory, workdir, *more, steps):
-    cmd = train_cmd(workdir, *more, steps=steps, every=10)
-    cmd = [a for a in cmd if a != "--quiet"]
+    cmd = [a for a in train_cmd(workdir, *more, steps=steps, every=10) if a != "--quiet"]
     done = subprocess.run(cmd, env=cli_env(tmp_path_factory), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stderr
@@ -144,48 +143,65 @@ def _metrics(workdir):
     return {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))}
 
 
-SCHEDULE = ["--lr-schedule", "cosine", "--lr-decay-steps", str(N), "--lr-end-factor", str(F)]
-
-
 @pytest.fixture(scope="module")
 def cosine_run(tmp_path_factory):
-    """A cosine run to 0.1x over 30 updates, trained to step 20, then resumed with the bare command
-    (its settings taken from the run) to step 40, past the decay."""
-    workdir = tmp_path_factory.mktemp("lr") / "resumed"
-    _train(tmp_path_factory, workdir, *SCHEDULE, steps=20)
-    resumed = subprocess.run([sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(workdir),
-                              "--steps", "40", *RESUME], env=cli_env(tmp_path_factory), capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    return workdir, resumed.stderr
+    """A tiny run with a cosine rate to 0.1x over 15 updates, trained for 20."""
+    workdir = tmp_path_factory.mktemp("lr") / "run"
+    return workdir, _train(tmp_path_factory, workdir, *SCHEDULE, steps=STEPS)
 
 
 def test_metrics_log_the_rate_of_each_step_and_hold_it_after_the_decay(cosine_run):
     workdir, _ = cosine_run
     rows = _metrics(workdir)
-    assert sorted(rows) == list(range(5, 45, 5))
+    assert sorted(rows) == [5, 10, 15, 20]
     for step, row in rows.items():  # the rate of the update that reached the step (update step - 1)
         assert row["lr"] == pytest.approx(_cosine(LR, step - 1, N, F), rel=1e-6), step
-    assert rows[5]["lr"] > rows[30]["lr"] > F * LR
-    assert rows[35]["lr"] == pytest.approx(F * LR, rel=1e-6) and rows[40]["lr"] == pytest.approx(F * LR, rel=1e-6)
+    assert rows[5]["lr"] > rows[15]["lr"] > F * LR
+    assert rows[20]["lr"] == pytest.approx(F * LR, rel=1e-6)
 
 
-def test_a_bare_resume_keeps_the_schedule_and_says_when_it_ends(cosine_run):
+def test_the_run_says_when_the_decay_ends(cosine_run):
     _, err = cosine_run
-    assert "--lr-schedule cosine" in err and "--lr-decay-steps 30" in err and "--lr-end-factor 0.1" in err
-    assert "note: the cosine learning rate ends at step 30 (--lr-decay-steps); steps 31-40 train at its " \
+    assert "note: the cosine learning rate ends at step 15 (--lr-decay-steps); steps 16-20 train at its " \
            f"final rate, 0.1 x --lr {LR:g}" in err
+
+
+def test_a_bare_resume_takes_the_runs_schedule(cosine_run, capsys):
+    """The three options are one group: a resume that gives none takes all three from the run
+    (so a longer --steps does not stretch the decay); one that gives another is refused."""
+    from jax_ddpm.app.cli import build_parser, given_options
+    from jax_ddpm.app.config import train_config_from_args
+    from jax_ddpm.app.resume_settings import with_run_settings
+
+    workdir, _ = cosine_run
+    argv = ["train", "--workdir", str(workdir), "--steps", "40"]
+    config, taken = with_run_settings(train_config_from_args(build_parser().parse_args(argv)), given_options(argv))
+    o = config.optim
+    assert (o.lr_schedule, o.lr_decay_steps, o.lr_end_factor) == ("cosine", N, F)
+    assert (taken["optim.lr_schedule"], taken["optim.lr_decay_steps"], taken["optim.lr_end_factor"]) == ("cosine", N, F)
+    from jax_ddpm.cli import main
+
+    before = sorted(p.name for p in workdir.rglob("*"))
+    assert main([*argv, "--lr-schedule", "cosine", "--lr-end-factor", "0.1"]) == 2  # decays over --steps 40 now
+    err = capsys.readouterr().err.strip()
+    # the note naming what was taken from the run, then the one-line refusal
+    assert "Traceback" not in err and "--lr-decay-steps was 15, now 40" in err.splitlines()[-1], err
+    assert sorted(p.name for p in workdir.rglob("*")) == before
 
 
 @pytest.mark.slow
 def test_a_resume_continues_the_decay_bit_identically(cosine_run, tmp_path_factory):
-    """The restored optimizer state keeps optax's step count: the resumed run's losses are those
-    of a run that never stopped, bit for bit (slow: one more run; test_cli_resume checks the
-    constant rate's resume array by array)."""
-    resumed, _ = cosine_run
-    straight = resumed.parent / "straight"
-    _train(tmp_path_factory, straight, *SCHEDULE, steps=N)
+    """The restored optimizer state keeps optax's step count: a run trained to step 10 and resumed
+    with the bare command logs the losses of the run that never stopped, bit for bit (slow: two
+    more launches; test_cli_resume checks the constant rate's resume array by array)."""
+    straight, _ = cosine_run
+    resumed = straight.parent / "resumed"
+    _train(tmp_path_factory, resumed, *SCHEDULE, steps=10)
+    done = subprocess.run([sys.executable, "-m", "jax_ddpm.cli", "train", "--workdir", str(resumed), "--steps",
+                           str(STEPS), "--log-every", "5", "--checkpoint-every", "10", "--num-samples", "16"],
+                          env=cli_env(tmp_path_factory), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     a, b = _metrics(straight), _metrics(resumed)
-    for step in (25, 30):
+    for step in (15, 20):
         assert (b[step]["loss"], b[step]["grad_norm"], b[step]["lr"]) == \
             (a[step]["loss"], a[step]["grad_norm"], a[step]["lr"]), step
