@@ -17,6 +17,7 @@ from .. import parallel
 from ..schedules import DiffusionSchedule, make_schedule
 from ..training import TrainState, create_train_state, learning_rate, make_optimizer, train_state_from_variables, train_step
 from .config import ModelConfig, TrainConfig, arch_config
+from .console import PROG
 
 
 def build_model_from(model: ModelConfig) -> nn.Module:
@@ -44,6 +45,22 @@ def build_learning_rate(config: TrainConfig):
     """``rate(step)``: the learning rate of the update from ``step`` to ``step + 1`` (what metrics log)."""
     o = config.optim
     return learning_rate(o.lr, o.lr_schedule, o.lr_decay_steps, o.lr_end_factor)
+
+
+def learning_rate_of_update(config: TrainConfig, update: int) -> float:
+    """The rate of update ``update`` (0-based) as a float, for ``metrics.jsonl``."""
+    return float(build_learning_rate(config)(update))
+
+
+def lr_decay_note(config: TrainConfig, start: int) -> str | None:
+    """The note ``train`` prints when a run from ``start`` to ``--steps`` outlasts its decaying
+    rate (steps past ``lr_decay_steps`` train at the final rate); None otherwise."""
+    o = config.optim
+    if o.lr_schedule == "constant" or config.steps <= o.lr_decay_steps:
+        return None
+    return (f"{PROG}: note: the {o.lr_schedule} learning rate ends at step {o.lr_decay_steps} (--lr-decay-steps); "
+            f"steps {max(o.lr_decay_steps, start) + 1}-{config.steps} train at its final rate, "
+            f"{o.lr_end_factor:g} x --lr {o.lr:g}")
 
 
 def image_shape(config: TrainConfig) -> tuple[int, int, int]:
@@ -111,4 +128,5 @@ def make_step_fn(mesh: Mesh | None = None) -> Callable[[TrainState, np.ndarray, 
 
 
 __all__ = ["abstract_state", "build_learning_rate", "build_model", "build_model_from", "build_optimizer",
-           "build_schedule", "image_shape", "init_state", "make_init_fn", "make_step_fn", "run_keys", "state_from_variables"]
+           "build_schedule", "image_shape", "init_state", "learning_rate_of_update", "lr_decay_note", "make_init_fn",
+           "make_step_fn", "run_keys", "state_from_variables"]

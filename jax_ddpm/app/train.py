@@ -59,9 +59,9 @@ from ..images import save_grid, save_loss_plot, save_quality_plot
 from ..training import TrainState
 from .checks import quality_data
 from .config import ConfigError, TrainConfig, identity, to_dict
-from .console import EXIT_INTERRUPTED, EXIT_OK, PROG, InterruptFlag, NonFiniteError, Progress, StopAgain, exit_status
+from .console import EXIT_INTERRUPTED, EXIT_OK, InterruptFlag, NonFiniteError, Progress, StopAgain, exit_status
 from .devices import Devices, any_process, local_copy, setup_devices
-from .factories import build_learning_rate, build_schedule, init_state, make_step_fn, run_keys
+from .factories import build_schedule, init_state, learning_rate_of_update, lr_decay_note, make_step_fn, run_keys
 from . import resume_settings
 from .lock import WorkdirLock
 from .resume import Restored as _Restored, restore as _restore
@@ -258,8 +258,8 @@ def _flush_metrics(loop: _Loop) -> None:
     now = time.perf_counter()
     rate = loop.config.optim.batch_size * (loop.step - loop.timer_step) / max(now - loop.timer, 1e-9)
     row = {"step": loop.step, "loss": float(np.mean([r[1] for r in rows])), "grad_norm": rows[-1][2],
-           "images_per_s": round(rate, 2), "lr": float(build_learning_rate(loop.config)(loop.step - 1)), "epoch": int(loop.iterator.position[0]),
-           "time": round(time.time(), 3)}
+           "images_per_s": round(rate, 2), "lr": learning_rate_of_update(loop.config, loop.step - 1),
+           "epoch": int(loop.iterator.position[0]), "time": round(time.time(), 3)}
     if loop.devices.primary:
         loop.history.append(row)
         append_metrics(loop.files.metrics, row)
@@ -439,11 +439,8 @@ def train(config: TrainConfig, stream: TextIO | None = None, hooks: TrainHooks |
                      if config.eval_every and devices.primary else None)  # the classifier: cached, or trained now
         if restored.start >= config.steps:
             return _already_trained(config, devices, restored, keys, progress, evaluator)
-        o = config.optim
-        if o.lr_schedule != "constant" and config.steps > o.lr_decay_steps:
-            progress.message(f"{PROG}: note: the {o.lr_schedule} learning rate ends at step {o.lr_decay_steps} "
-                             f"(--lr-decay-steps); steps {max(o.lr_decay_steps, restored.start) + 1}-"
-                             f"{config.steps} train at its final rate, {o.lr_end_factor:g} x --lr {o.lr:g}")
+        if (note := lr_decay_note(config, restored.start)) is not None:
+            progress.message(note)
         loop = _start(config, devices, images, data_fp, restored, keys, progress, hooks or TrainHooks(), evaluator)
         return _finish(loop, _run(loop), stream)
     finally:
