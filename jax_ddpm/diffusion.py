@@ -28,14 +28,45 @@ def eps_mse_loss(eps_pred: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - eps.astype(jnp.float32)))
 
 
+def min_snr_weights(schedule: DiffusionSchedule, gamma: float, prediction: str = "eps") -> jnp.ndarray:
+    """The loss weight of each t [T], float32: min-SNR-gamma (Hang et al. 2023, "Efficient
+    Diffusion Training via Min-SNR Weighting Strategy"; diffusers' training scripts'
+    ``--snr_gamma``). With ``SNR_t = abar_t / (1 - abar_t)`` the weight of the x0 error is
+    ``min(SNR_t, gamma)``, so the MSE of each prediction's target is weighted by ``min(SNR_t,
+    gamma)`` (x0), ``min(SNR_t, gamma) / SNR_t`` (eps) or ``min(SNR_t, gamma) / (SNR_t + 1)`` (v);
+    then divided by their mean over t = 0 .. T-1, so that the weighted loss keeps the scale of the
+    unweighted one (and ``--grad-clip`` its meaning) where diffusers' scripts do not normalise.
+    SNR is taken from the float64-derived ``sqrt_alphas_cumprod`` and
+    ``sqrt_one_minus_alphas_cumprod`` (``1 - abar`` in float32 would lose the small t)."""
+    check_prediction(prediction)
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    snr = jnp.square(schedule.sqrt_alphas_cumprod / schedule.sqrt_one_minus_alphas_cumprod)
+    if prediction == "x0":
+        w = jnp.minimum(snr, gamma)
+    elif prediction == "eps":
+        w = jnp.minimum(1.0, gamma / snr)  # min(SNR, gamma) / SNR, without 0 / 0 where SNR underflows
+    else:
+        w = jnp.minimum(snr, gamma) / (snr + 1)
+    return (w / jnp.mean(w)).astype(jnp.float32)
+
+
 def prediction_loss(model_out: jnp.ndarray, schedule: DiffusionSchedule, x0: jnp.ndarray, t: jnp.ndarray,
-                    noise: jnp.ndarray, prediction: str = "eps") -> jnp.ndarray:
+                    noise: jnp.ndarray, prediction: str = "eps", snr_gamma: float = 0.0) -> jnp.ndarray:
     """MSE (:func:`eps_mse_loss`) of the model output against the target of ``prediction``
     for ``x_t = q_sample(schedule, x0, t, noise)``: the noise, x0, or ``v = sqrt(abar_t) noise -
     sqrt(1 - abar_t) x0`` (:func:`jax_ddpm.parameterization.training_target`). ``'eps'`` is
-    ``eps_mse_loss(model_out, noise)``, the same program as before prediction types existed."""
+    ``eps_mse_loss(model_out, noise)``, the same program as before prediction types existed.
+
+    ``snr_gamma`` > 0: each image's MSE weighted by :func:`min_snr_weights` at its t, then
+    averaged over the batch; 0: unweighted (what every run before the option computed)."""
     check_prediction(prediction)
-    return eps_mse_loss(model_out, training_target(schedule, x0, t, noise, prediction))
+    target = training_target(schedule, x0, t, noise, prediction)
+    if not snr_gamma:
+        return eps_mse_loss(model_out, target)
+    per_image = jnp.mean(jnp.square(model_out.astype(jnp.float32) - target.astype(jnp.float32)),
+                         axis=tuple(range(1, model_out.ndim)))
+    return jnp.mean(min_snr_weights(schedule, snr_gamma, prediction)[t] * per_image)
 
 
 def predict_x0_from_eps(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:

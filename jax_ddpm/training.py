@@ -31,6 +31,7 @@ class TrainState(flax.struct.PyTreeNode):
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
     prediction: str = flax.struct.field(pytree_node=False, default="eps")  # what the model regresses: eps, x0, v
     timestep_draw: str = flax.struct.field(pytree_node=False, default="per-image")  # see draw_t_and_noise
+    snr_gamma: float = flax.struct.field(pytree_node=False, default=0.0)  # min-SNR loss weighting; 0 = none
 
     @property
     def variables(self):
@@ -89,21 +90,24 @@ def make_optimizer(lr: float = 1e-3, grad_clip: float | None = None, *, schedule
 
 def create_train_state(model, key: jax.Array, image_shape: tuple[int, int, int], schedule: DiffusionSchedule,
                        tx: optax.GradientTransformation, ema_decay: float = 0.0, *,
-                       prediction: str = "eps", timestep_draw: str = "per-image") -> TrainState:
+                       prediction: str = "eps", timestep_draw: str = "per-image",
+                       snr_gamma: float = 0.0) -> TrainState:
     """Initialises the model (torch's default init) for images of ``image_shape`` = (H, W, C).
 
     ``prediction``: what the model learns to output (``eps``, ``x0`` or ``v``; see
-    :mod:`jax_ddpm.parameterization`); ``timestep_draw``: see :func:`draw_t_and_noise`."""
+    :mod:`jax_ddpm.parameterization`); ``timestep_draw``: see :func:`draw_t_and_noise`;
+    ``snr_gamma``: the loss's min-SNR weighting (:func:`jax_ddpm.diffusion.min_snr_weights`; 0: none)."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     # jitted: eager init of the U-Net dispatches hundreds of small ops
     variables = jax.jit(model.init, static_argnames="train")(key, x, jnp.zeros((1,), jnp.int32), train=True)
     return train_state_from_variables(variables, model.apply, tx, schedule, ema_decay, prediction=prediction,
-                                      timestep_draw=timestep_draw)
+                                      timestep_draw=timestep_draw, snr_gamma=snr_gamma)
 
 
 def train_state_from_variables(variables, apply_fn: Callable, tx: optax.GradientTransformation,
                                schedule: DiffusionSchedule, ema_decay: float = 0.0, step: int = 0, *,
-                               prediction: str = "eps", timestep_draw: str = "per-image") -> TrainState:
+                               prediction: str = "eps", timestep_draw: str = "per-image",
+                               snr_gamma: float = 0.0) -> TrainState:
     """The one place a ``TrainState`` is assembled: ``variables`` (``{'params'[, 'batch_stats']}``)
     with a fresh optimizer state (``tx.init``) and EMA equal to the parameters.
 
@@ -115,34 +119,43 @@ def train_state_from_variables(variables, apply_fn: Callable, tx: optax.Gradient
                       opt_state=tx.init(params), schedule=jax.tree_util.tree_map(jnp.copy, schedule),
                       ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay else None,
                       apply_fn=apply_fn, tx=tx, ema_decay=ema_decay, prediction=check_prediction(prediction),
-                      timestep_draw=check_timestep_draw(timestep_draw))
+                      timestep_draw=check_timestep_draw(timestep_draw), snr_gamma=check_snr_gamma(snr_gamma))
 
 
 def loss_fn(params, batch_stats, apply_fn, schedule: DiffusionSchedule, x0, t, noise, dropout_key=None,
-            prediction: str = "eps"):
+            prediction: str = "eps", snr_gamma: float = 0.0):
     """MSE of the model's output against the ``prediction`` target (eps: the noise; x0; v) on
     ``x_t = q_sample(x0, t, noise)`` (:func:`jax_ddpm.diffusion.prediction_loss`); returns
     (loss, new batch_stats). ``'eps'`` is the epsilon-MSE this function always computed.
 
     ``batch_stats`` None: a model without BatchNorm statistics (returned as None).
     ``dropout_key``: the key of the model's dropout layers (``rngs={'dropout': key}``); a
-    model without dropout ignores it, a model with dropout > 0 needs it.
+    model without dropout ignores it, a model with dropout > 0 needs it. ``snr_gamma`` > 0: the
+    per-image min-SNR weighting (:func:`jax_ddpm.diffusion.prediction_loss`).
     """
     x_t = q_sample(schedule, x0, t, noise)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     if batch_stats is None:
         out = apply_fn({"params": params}, x_t, t, train=True, rngs=rngs)
-        return _loss(out, schedule, x0, t, noise, prediction), None
+        return _loss(out, schedule, x0, t, noise, prediction, snr_gamma), None
     out, mutated = apply_fn({"params": params, "batch_stats": batch_stats}, x_t, t, train=True,
                             mutable=["batch_stats"], rngs=rngs)
-    return _loss(out, schedule, x0, t, noise, prediction), mutated["batch_stats"]
+    return _loss(out, schedule, x0, t, noise, prediction, snr_gamma), mutated["batch_stats"]
 
 
-def _loss(out, schedule, x0, t, noise, prediction):
-    """eps: ``eps_mse_loss(out, noise)`` exactly as before; x0 and v: ``prediction_loss``."""
-    if prediction == "eps":
+def _loss(out, schedule, x0, t, noise, prediction, snr_gamma=0.0):
+    """eps unweighted: ``eps_mse_loss(out, noise)`` exactly as before; else ``prediction_loss``."""
+    if prediction == "eps" and not snr_gamma:
         return eps_mse_loss(out, noise)
-    return prediction_loss(out, schedule, x0, t, noise, prediction)
+    return prediction_loss(out, schedule, x0, t, noise, prediction, snr_gamma)
+
+
+def check_snr_gamma(gamma: float) -> float:
+    """``gamma`` as a float if it is 0 (no weighting) or a finite positive number."""
+    gamma = float(gamma)
+    if not (gamma == 0 or 0 < gamma < float("inf")):
+        raise ValueError(f"snr_gamma must be 0 (no weighting) or a finite number > 0, got {gamma}")
+    return gamma
 
 
 def apply_gradients(state: TrainState, grads, batch_stats) -> TrainState:
@@ -170,7 +183,7 @@ def train_step_with_noise(state: TrainState, x0: jnp.ndarray, t: jnp.ndarray, no
     """One Adam step on given timesteps and noise (and dropout key). Returns (state, metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, state.schedule, x0, t, noise,
-                                         dropout_key, state.prediction)
+                                         dropout_key, state.prediction, state.snr_gamma)
     metrics = {"loss": loss, "grad_norm": _global_norm(grads)}
     return apply_gradients(state, grads, batch_stats), metrics
 

@@ -20,6 +20,7 @@ from jax_ddpm import schedules
 from .checks.closed_forms import check_embedding, check_posterior_step, check_q_sample, check_schedule
 from .checks.convert import check_round_trip
 from .checks.forward import check_bn_stats, check_forward
+from .checks.loss_weights import check_loss_weights, check_weighted_loss
 from .checks.samplers import check_sampler_chain
 from .checks.sampling import check_chain, check_sampler_step
 from .checks.training import check_adam_same_grads, check_grads, check_loss, check_lr_schedule, check_train_steps
@@ -112,6 +113,27 @@ def _training() -> list[Case]:
                        "rel", "sgd_update", slow=True, net=net, part="update", optimizer="sgd", mode="free", lr=0.1))
     cases.append(_case("train", f"sgd(0.1) 10 steps free-running: loss {net.label}", check_train_steps,
                        "rel", "sgd_loss", slow=True, net=net, part="loss", optimizer="sgd", mode="free", lr=0.1))
+    return cases
+
+
+def _loss_weights() -> list[Case]:
+    """min-SNR-5 (the chapter U-Net's default): the weight of every t of the default schedule (cosine
+    T = 200) and of Ho et al.'s (linear T = 1000) for each prediction, and the weighted loss of given
+    outputs. torch_ref trains eps models only; diffusers' rows skip without diffusers."""
+    cases: list[Case] = []
+    refs = {"eps": ("oracle", "torch", "diffusers"), "x0": ("oracle", "torch", "diffusers"),
+            "v": ("oracle", "torch", "diffusers")}
+    for kind, T in (("cosine", 200), ("linear", 1000)):
+        for prediction, names in refs.items():
+            for ref in names:
+                cases.append(_case("loss_weights", f"min-SNR 5 weights {prediction} {kind} T={T} vs {ref}",
+                                   check_loss_weights, "rel", ref=ref, kind=kind, timesteps=T, gamma=5.0,
+                                   prediction=prediction))
+    for prediction, ref in (("x0", "oracle"), ("eps", "oracle"), ("v", "oracle"), ("eps", "torch"),
+                            ("x0", "diffusers"), ("v", "diffusers")):
+        cases.append(_case("weighted_loss", f"min-SNR 5 loss of given outputs {prediction} cosine T=200 vs {ref}",
+                           check_weighted_loss, "rel", ref=ref, kind="cosine", timesteps=200, gamma=5.0,
+                           prediction=prediction))
     return cases
 
 
@@ -357,7 +379,7 @@ def _samplers() -> list[Case]:
     return cases
 
 
-CASES: list[Case] = _closed_forms() + _network() + _training() + _sampling() + _weights() + _diffusers() + _samplers()
+CASES: list[Case] = _closed_forms() + _network() + _training() + _loss_weights() + _sampling() + _weights() + _diffusers() + _samplers()
 GROUPS = tuple(dict.fromkeys(c.group for c in CASES))
 
 

@@ -115,3 +115,13 @@ def test_without_diffusers_its_rows_are_skipped_not_failed(monkeypatch, capsys):
     n = len([c for c in ours if not c.slow])
     assert out.count("| skipped | diffusers not installed") == n and "**NO**" not in out
     assert f"0/{n} passed, {n} skipped (reference not installed)" in out
+
+
+def test_every_group_runs_under_pytest():
+    """Each group of CASES is parametrized by some parity_tests/test_*.py (pytest_params("group"))."""
+    import pathlib
+
+    sources = "".join(p.read_text() for p in pathlib.Path(__file__).parent.glob("test_*.py"))
+    calls = [call.split(")", 1)[0] for call in sources.split("pytest_params(")[1:]]  # each call's arguments
+    missing = [g for g in GROUPS if not any(f'"{g}"' in args for args in calls)]
+    assert not missing, f"groups no test file runs: {missing}"

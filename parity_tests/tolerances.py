@@ -99,6 +99,22 @@ _entry("adam_step_params", ("torch",), cpu=1e-3, cuda=1e-2)
 # cos to 2^-24 (6e-8), each halved by (1 - f)/2, and the products add 2 ulp: <= 3e-7 of lr.
 # Measured on CPU: 1.32e-7 (to 0.1x, vs the oracle and torch), 1.50e-7 (to 0, vs the oracle and diffusers).
 _entry("lr_schedule", ("oracle", "torch", "diffusers"), cpu=5e-7, cuda=5e-7)
+# min-SNR weights (elementwise rel, every t): SNR = (a / s)^2 from the float32 sqrt(abar) and
+# sqrt(1 - abar) (each within 2^-24 = 6e-8 of float64): ratio 1.2e-7, square 2.4e-7, the division
+# by SNR or SNR + 1 and the mean over T (one float32 sum, normalised) a few ulp more: <= 1e-6.
+# torch_ref computes the same float32 quotient. Measured on CPU: <= 4.2e-7 vs the oracle, 2.4e-7 vs
+# torch_ref (the same both devices: T elementwise ops and one sum).
+_entry("loss_weights", ("oracle", "torch"), cpu=1e-6, cuda=1e-6)
+# diffusers' compute_snr takes 1 - alphas_cumprod in float32: abar_0 = 1 - beta_0 is rounded by
+# <= 2^-25 = 3e-8, so 1 - abar_0, and the eps and v weights proportional to it at small t, carry
+# <= 3e-8 / beta_0 rel: 3e-4 for the linear schedule's beta_0 = 1e-4 (cosine T = 200: beta_0 =
+# 4.7e-4, 6e-5). Measured: 1.66e-4 (linear, eps and v, t = 0), 6.3e-5 (cosine); x0 <= 1.4e-5.
+_entry("loss_weights", ("diffusers",), cpu=5e-4, cuda=5e-4)
+# The weighted loss of given outputs (|a-b|/|b|): 8 images x 256 squares summed in float32 (a few
+# ulp of the mean), the weights as above, the batch mean: <= 2e-6. diffusers' weight error sits at
+# the smallest t, whose weights are small (eps/v) or capped (x0). Measured on CPU: <= 3.0e-7 vs the
+# oracle, 2.2e-7 vs torch_ref, 4.9e-7 vs diffusers.
+_entry("weighted_loss", ("oracle", "torch", "diffusers"), cpu=2e-6, cuda=2e-6)
 ADAM_GOAL = 1e-5        # per tensor rel, the issue's goal for parameters after Adam steps
 ADAM_GRAD_REL = 1e-4    # gradient noise allowed per tensor (the grads tolerance), relative to max |grad|
 # SGD(0.1), 10 steps free-running (the control): the accumulated update p_i - p_0 per

@@ -22,11 +22,33 @@ def make_lr_scheduler(optimizer, schedule="constant", decay_steps=0, end_factor=
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=end_factor * lr)
 
 
-def loss_fn(model, diffusion, images, t, noise):
-    """MSE between the true and the predicted noise (the chapter's ``nn.MSELoss()``)."""
+def min_snr_weights(diffusion, gamma, prediction="eps"):
+    """Not in the chapter: the min-SNR-gamma loss weight of each t (Hang et al. 2023), written as
+    diffusers' training scripts write it (``torch.stack([snr, gamma]).min``, divided by SNR for
+    eps and by SNR + 1 for v), then divided by its mean over t as jax_ddpm does. SNR from the
+    float32 buffers ``sqrt_alphas_cumprod / sqrt_one_minus_alphas_cumprod`` (computed in float64)."""
+    snr = (diffusion.sqrt_alphas_cumprod / diffusion.sqrt_one_minus_alphas_cumprod) ** 2
+    weights = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    if prediction == "eps":
+        weights = weights / snr
+    elif prediction == "v":
+        weights = weights / (snr + 1)
+    elif prediction != "x0":
+        raise ValueError(f"prediction must be eps, x0 or v, got {prediction!r}")
+    return weights / weights.mean()
+
+
+def loss_fn(model, diffusion, images, t, noise, snr_gamma=0.0):
+    """MSE between the true and the predicted noise (the chapter's ``nn.MSELoss()``).
+
+    ``snr_gamma`` > 0 (not in the chapter): each image's MSE weighted by
+    :func:`min_snr_weights` at its t, then the batch mean (diffusers' scripts' reduction)."""
     x_t, noise = diffusion(images, t, noise)
     predicted_noise = model(x_t, t)
-    return nn.functional.mse_loss(predicted_noise, noise)
+    if not snr_gamma:
+        return nn.functional.mse_loss(predicted_noise, noise)
+    per_image = nn.functional.mse_loss(predicted_noise, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (min_snr_weights(diffusion, snr_gamma)[t] * per_image).mean()
 
 
 def train_step(model, diffusion, optimizer, images, t=None, noise=None, generator=None):

@@ -46,6 +46,10 @@ class DiffusionConfig:
     # a folder made by convert gets). `train`'s default depends on the architecture (config.default_timestep_draw):
     # per-batch for the chapter's U-Net (BatchNorm with the sampling batch's statistics; docs/quality.md)
     timestep_draw: str = "per-image"
+    # the loss's min-SNR-gamma weighting over t (diffusion.min_snr_weights); 0 = none, what every run before the
+    # field did (and what a folder made by convert gets). `train`'s default depends on the architecture
+    # (config.default_snr_gamma): 5 for the chapter's U-Net (measured: docs/quality.md), 0 otherwise
+    snr_gamma: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ def make_init_fn(config: TrainConfig) -> Callable[[jax.Array, DiffusionSchedule]
     def init(key, schedule):
         return create_train_state(model, key, shape, schedule, tx, config.optim.ema_decay,
                                   prediction=config.diffusion.prediction,
-                                  timestep_draw=config.diffusion.timestep_draw)
+                                  timestep_draw=config.diffusion.timestep_draw,
+                                  snr_gamma=config.diffusion.snr_gamma)
 
     return init
 
@@ -104,7 +105,8 @@ def state_from_variables(config: TrainConfig, variables, ema_params=None) -> Tra
     state = train_state_from_variables(variables, build_model(config).apply, build_optimizer(config),
                                        build_schedule(config), config.optim.ema_decay,
                                        prediction=config.diffusion.prediction,
-                                       timestep_draw=config.diffusion.timestep_draw)
+                                       timestep_draw=config.diffusion.timestep_draw,
+                                       snr_gamma=config.diffusion.snr_gamma)
     if ema_params is not None and state.ema_params is not None:
         state = state.replace(ema_params=jax.tree_util.tree_map(jnp.array, ema_params))
     return state

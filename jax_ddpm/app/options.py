@@ -121,6 +121,12 @@ def _add_train_model(p, m: ModelConfig, d: DiffusionConfig) -> None:
                         "whole batch, as a sampling batch is: the chapter's U-Net samples with the BatchNorm "
                         "statistics of that batch). Part of the run's identity (default: per-batch for --arch "
                         "chapter, per-image otherwise; runs saved before the option: per-image)")
+    g.add_argument("--snr-gamma", type=float, default=None, metavar="G",
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' training scripts' --snr_gamma): "
+                        "each image's loss weighted by min(SNR_t, G) in x0 terms (x0: min(SNR, G); eps: "
+                        "min(SNR, G) / SNR; v: min(SNR, G) / (SNR + 1)), the weights divided by their mean over t; "
+                        "0 = unweighted. Part of the run's identity (default: 5 for --arch chapter, 0 otherwise; "
+                        "runs saved before the option: 0)")
 
 
 def _add_train_optim(p, o: OptimConfig, t: TrainConfig) -> None:

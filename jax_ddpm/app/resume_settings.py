@@ -42,6 +42,7 @@ GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("diffusion.schedule", "diffusion.beta_start", "diffusion.beta_end"), ("schedule", "beta_start", "beta_end")),
     (("diffusion.prediction",), ("prediction",)),
     (("diffusion.timestep_draw",), ("timestep_draw",)),
+    (("diffusion.snr_gamma",), ("snr_gamma",)),
     (("data.source",), ("data",)),
     (("data.layout",), ("layout",)),
     (("optim.batch_size",), ("batch_size",)),

@@ -46,6 +46,8 @@ COMPONENTS: dict[str, str] = {
     "adam_step_params": "parameters after Adam steps, each from the reference's state",
     "sgd_update": "the accumulated SGD update, free-running",
     "lr_schedule": "the learning rate of every update over a cosine decay",
+    "loss_weights": "the min-SNR-gamma loss weight of every t",
+    "weighted_loss": "the min-SNR-weighted loss of given model outputs",
     "sgd_loss": "the SGD run's losses, free-running",
     "sampler": "one reverse step x_i -> x_{i-1} with the U-Net",
     "chain_x0": "a whole sampling chain: the clamped output",
@@ -174,6 +176,15 @@ class Reference:
         """The learning rate of updates 0 .. ``steps`` - 1 [steps] of a cosine decay from ``lr`` to
         ``end_factor * lr`` over ``decay_steps`` updates."""
         self._unsupported("lr_schedule")
+
+    def loss_weights(self, ctx: "Context", kind: str, timesteps: int, gamma: float, prediction: str) -> np.ndarray:
+        """The min-SNR-``gamma`` loss weight of each t [T] for a ``prediction`` model, normalised to mean 1."""
+        self._unsupported("loss_weights")
+
+    def weighted_loss(self, ctx: "Context", kind: str, timesteps: int, gamma: float, prediction: str,
+                      out: np.ndarray, x0: np.ndarray, t: np.ndarray, noise: np.ndarray) -> float:
+        """The min-SNR-weighted MSE of the outputs ``out`` against ``prediction``'s target (NHWC)."""
+        self._unsupported("weighted_loss")
 
     # ------------------------------------------------------------------ sampling (eval mode)
 

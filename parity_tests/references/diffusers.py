@@ -107,7 +107,35 @@ class DiffusersReference(TorchModuleReference):
     description = "Hugging Face diffusers (UNet2DModel, DDPMScheduler, torch Adam), float32 and float64"
     components = frozenset({"schedule", "q_sample", "forward", "loss", "grads", "adam_same_grads",
                             "adam_step_params", "chain_x0", "chain_trajectory", "round_trip",
-                            "chain_ddpm", "chain_ddim", "chain_dpmpp_2m", "chain_cosine_eps", "lr_schedule"})
+                            "chain_ddpm", "chain_ddim", "chain_dpmpp_2m", "chain_cosine_eps", "lr_schedule",
+                            "loss_weights", "weighted_loss"})
+
+    def _min_snr_weights(self, ctx, kind, timesteps, gamma, prediction):
+        """diffusers' training scripts' min-SNR weights (train_text_to_image.py: ``compute_snr``,
+        ``torch.stack([snr, gamma]).min``, / SNR for epsilon, / (SNR + 1) for v_prediction; 'sample'
+        keeps ``min(SNR, gamma)``) for every t, divided by their mean as jax_ddpm does; float32."""
+        torch = _torch()
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler(ctx, kind, timesteps), torch.arange(timesteps))
+        w = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        w = w / snr if prediction == "eps" else w / (snr + 1) if prediction == "v" else w
+        return w / w.mean()
+
+    def loss_weights(self, ctx, kind, timesteps, gamma, prediction):
+        return to_np(self._min_snr_weights(ctx, kind, timesteps, gamma, prediction)).astype(np.float64)
+
+    def weighted_loss(self, ctx, kind, timesteps, gamma, prediction, out, x0, t, noise):
+        """The scripts' reduction: ``F.mse_loss(reduction='none')`` averaged per image, times the
+        weight of its t, averaged; the v target from ``DDPMScheduler.get_velocity``."""
+        torch = _torch()
+        x0_t, noise_t, t_t = to_torch(ctx, x0, True), to_torch(ctx, noise, True), to_torch(ctx, t)
+        target = {"eps": noise_t, "x0": x0_t}.get(prediction)
+        if target is None:
+            target = self.scheduler(ctx, kind, timesteps).get_velocity(x0_t, noise_t, t_t)
+        per_image = torch.nn.functional.mse_loss(to_torch(ctx, out, True), target, reduction="none").mean(dim=(1, 2, 3))
+        weights = self._min_snr_weights(ctx, kind, timesteps, gamma, prediction)
+        return float((weights[t_t] * per_image).mean().item())
 
     def lr_scheduler(self, opt, schedule, decay_steps, end_factor):
         """``diffusers.optimization.get_cosine_schedule_with_warmup`` without warm-up (what diffusers'

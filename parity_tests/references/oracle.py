@@ -186,6 +186,28 @@ def learning_rates(lr: float, decay_steps: int, end_factor: float, steps: int) -
     return lr * (end_factor + (1 - end_factor) * 0.5 * (1 + np.cos(math.pi * i / decay_steps)))
 
 
+def min_snr_weights(kind: str, timesteps: int, gamma: float, prediction: str) -> np.ndarray:
+    """Hang et al. (2023), "Efficient Diffusion Training via Min-SNR Weighting Strategy": the x0
+    error weighted by ``min(SNR_t, gamma)``, ``SNR_t = abar_t / (1 - abar_t)``; an eps target's MSE is
+    ``SNR_t`` times the x0 error's, a v target's ``SNR_t + 1`` times, so their weights are divided by
+    those. Normalised to mean 1 over t (float64)."""
+    abar = schedule(kind, timesteps)["alphas_cumprod"]
+    snr = abar / (1.0 - abar)
+    w = np.minimum(snr, gamma) / {"x0": np.ones_like(snr), "eps": snr, "v": snr + 1.0}[prediction]
+    return w / w.mean()
+
+
+def weighted_loss(kind: str, timesteps: int, gamma: float, prediction: str, out, x0, t, noise) -> float:
+    """mean over images of ``w[t_i] * mean((out_i - target_i)^2)`` (float64); targets: eps, x0,
+    ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (Salimans & Ho 2022)."""
+    sched = schedule(kind, timesteps)
+    x0, noise, out = (np.asarray(a, F64) for a in (x0, noise, out))
+    a, s = _at(sched["sqrt_alphas_cumprod"], t, x0), _at(sched["sqrt_one_minus_alphas_cumprod"], t, x0)
+    target = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[prediction]
+    per_image = ((out - target) ** 2).reshape(len(t), -1).mean(axis=1)
+    return float(np.mean(min_snr_weights(kind, timesteps, gamma, prediction)[t] * per_image))
+
+
 class OracleReference(Reference):
     """The closed forms above as a reference: schedules, q_sample, the embedding, the reverse step.
 
@@ -196,7 +218,14 @@ class OracleReference(Reference):
     name = "oracle"
     description = "float64 NumPy closed forms (parity_tests/references/oracle.py, oracle_samplers.py)"
     components = frozenset({"schedule", "q_sample", "embedding", "embedding_exact", "posterior", "chain_ddpm",
-                            "chain_ddim", "chain_dpmpp_2m", "chain_chapter", "chain_cosine_eps", "lr_schedule"})
+                            "chain_ddim", "chain_dpmpp_2m", "chain_chapter", "chain_cosine_eps", "lr_schedule",
+                            "loss_weights", "weighted_loss"})
+
+    def loss_weights(self, ctx, kind, timesteps, gamma, prediction):
+        return min_snr_weights(kind, timesteps, gamma, prediction)
+
+    def weighted_loss(self, ctx, kind, timesteps, gamma, prediction, out, x0, t, noise):
+        return weighted_loss(kind, timesteps, gamma, prediction, out, x0, t, noise)
 
     def learning_rates(self, ctx, lr, decay_steps, end_factor, steps):
         return learning_rates(lr, decay_steps, end_factor, steps)

@@ -99,7 +99,25 @@ class TorchRefReference(TorchModuleReference):
     description = "torch_ref (the chapter's PyTorch code, corrected), float32"
     components = frozenset({"schedule", "q_sample", "embedding", "forward", "bn_stats", "loss", "grads",
                             "adam_same_grads", "adam_step_params", "sgd_update", "sgd_loss", "lr_schedule", "sampler",
-                            "chain_x0", "chain_trajectory", "round_trip"})
+                            "chain_x0", "chain_trajectory", "round_trip", "loss_weights", "weighted_loss"})
+
+    def loss_weights(self, ctx, kind, timesteps, gamma, prediction):
+        """torch_ref.training.min_snr_weights on torch_ref's float32 schedule buffers."""
+        from torch_ref.training import min_snr_weights
+
+        return to_np(min_snr_weights(self.diffusion(ctx, timesteps, kind), gamma, prediction)).astype(np.float64)
+
+    def weighted_loss(self, ctx, kind, timesteps, gamma, prediction, out, x0, t, noise):
+        """torch_ref.training.loss_fn(..., snr_gamma) with a model that returns ``out`` (eps only:
+        torch_ref trains eps models)."""
+        if prediction != "eps":
+            self._unsupported(f"a {prediction} loss (torch_ref trains eps models)")
+        from torch_ref.training import loss_fn
+
+        fixed = to_torch(ctx, out, True)
+        loss = loss_fn(lambda x_t, tt: fixed, self.diffusion(ctx, timesteps, kind), to_torch(ctx, x0, True),
+                       to_torch(ctx, t), to_torch(ctx, noise, True), snr_gamma=gamma)
+        return float(loss.item())
 
     def lr_scheduler(self, opt, schedule, decay_steps, end_factor):
         """torch_ref.training.make_lr_scheduler (``CosineAnnealingLR``)."""
