@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fake_network import scale_network
 from jax_ddpm import training
 from jax_ddpm.app.config import ConfigError
 from parity_tests.references import oracle
@@ -82,11 +83,6 @@ def test_a_folder_saved_before_the_option_is_unweighted_and_resumes_so(monkeypat
 T, B = 20, 6
 
 
-def _scale(variables, x, t, train=True, rngs=None):
-    """A one-parameter "network" (x_t times w): the step's plumbing without a U-Net to compile."""
-    return x * variables["params"]["w"]
-
-
 def test_the_train_step_weights_each_images_loss():
     """The state's snr_gamma reaches the loss: the train step's loss is the float64 oracle's
     min-SNR-weighted loss of the network's output at one t per image (t = 0 and T - 1 included);
@@ -102,7 +98,7 @@ def test_the_train_step_weights_each_images_loss():
     out = w * oracle.q_sample(oracle.schedule("cosine", T), x0, t, noise)  # the network's output, float64
     step = jax.jit(training.train_step_with_noise)
     for gamma in (5.0, 0.0):
-        state = training.train_state_from_variables({"params": {"w": jnp.float32(w)}}, _scale,
+        state = training.train_state_from_variables({"params": {"w": jnp.float32(w)}}, scale_network,
                                                     training.make_optimizer(1e-3), schedule, prediction="x0",
                                                     snr_gamma=gamma)
         assert state.snr_gamma == gamma

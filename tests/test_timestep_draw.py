@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fake_network import scale_network
 from jax_ddpm import training
 
 T, B, STEPS = 10, 8, 2000
@@ -52,11 +53,6 @@ def test_an_unknown_draw_is_refused():
         training.draw_t_and_noise(jax.random.key(0), 0, jnp.zeros((2, 4, 4, 1)), T, "per-pixel")
 
 
-def _scale(variables, x, t, train=True, rngs=None):
-    """A one-parameter "network" (x_t times w): the step's plumbing without a U-Net to compile."""
-    return x * variables["params"]["w"]
-
-
 def test_train_step_uses_the_states_draw():
     """Two states that differ only in timestep_draw take different steps from the same batch and key;
     the per-batch state's loss is the float64 oracle's eps-MSE of the network's output at the one t
@@ -71,7 +67,7 @@ def test_train_step_uses_the_states_draw():
     step = jax.jit(training.train_step)
     loss = {}
     for d in training.TIMESTEP_DRAWS:
-        state = training.train_state_from_variables({"params": {"w": jnp.float32(w)}}, _scale,
+        state = training.train_state_from_variables({"params": {"w": jnp.float32(w)}}, scale_network,
                                                     training.make_optimizer(1e-3), schedule).replace(timestep_draw=d)
         assert state.timestep_draw == d
         _, m = step(state, x0, key)
